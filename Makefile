@@ -1,0 +1,25 @@
+# Two commands do all set-up on a fresh clone:
+#   make demo   runs the embedded local pipeline
+#   make test   runs the tests
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test lint bench-ingest
+
+$(STAMP): pyproject.toml Makefile
+	bash scripts/setup.sh $(VENV)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/interest-stream demo
+
+test: install
+	$(VENV)/bin/ruff check stream models tests
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check stream models tests
+	$(VENV)/bin/ruff format --check stream models tests
