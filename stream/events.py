@@ -1,0 +1,107 @@
+"""The event contract (schema version 1) and its strict validation.
+
+Producers publish one JSON object per message to the events topic, keyed by `user_id`. Validation never
+raises to the worker: `parse_event` returns either an `Event` or a `Rejection` whose `reason` is one of a
+small fixed set (safe as a metric label) and whose `detail` tells the producer what to fix. The schema is
+documented in docs/events.md; `event_json_schema()` emits it as JSON Schema.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Final
+
+import msgspec
+from msgspec import Meta
+
+SCHEMA_VERSION: Final = 1
+
+#: Event types the model knows; others that match the pattern are accepted and encoded as "other".
+KNOWN_EVENT_TYPES: Final = ("view", "click", "cart", "purchase", "order", "rating", "wishlist", "search")
+
+MIN_TIMESTAMP_MS: Final = 631_152_000_000  # 1990-01-01T00:00:00Z: older is almost surely seconds, not ms
+
+Id = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\s\x00-\x1f\x7f]+$")]
+EventType = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+TimestampMs = Annotated[int, Meta(ge=MIN_TIMESTAMP_MS)]
+ContextKey = Annotated[str, Meta(min_length=1, max_length=64)]
+ContextValue = Annotated[str, Meta(max_length=256)] | int | float | bool
+Context = Annotated[dict[ContextKey, ContextValue], Meta(max_length=32)]
+Value = Annotated[float, Meta(ge=-1e9, le=1e9)]
+
+
+class Event(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
+    """One user event. `timestamp` is event time in Unix epoch milliseconds."""
+
+    user_id: Id
+    item_id: Id
+    event_type: EventType
+    timestamp: TimestampMs
+    event_id: Id | None = None
+    value: Value | None = None
+    context: Context | None = None
+    version: Annotated[int, Meta(ge=SCHEMA_VERSION, le=SCHEMA_VERSION)] = SCHEMA_VERSION
+
+
+class Rejection(msgspec.Struct, frozen=True):
+    """Why a message was not applied. `reason` is a bounded label; `detail` is for humans."""
+
+    reason: str
+    detail: str
+
+
+# The bounded set of rejection reasons (also the `reason` label of the rejected-events metric).
+REASONS: Final = (
+    "too_large",  # over event_max_bytes
+    "invalid_json",  # not UTF-8 JSON
+    "schema",  # missing/unknown field, wrong type, a limit exceeded
+    "timestamp_range",  # before 1990 or too far in the future
+    "key_mismatch",  # message key is not the user_id
+    "late",  # valid, but later than the allowed lateness (see stream.sessions)
+)
+
+_decoder = msgspec.json.Decoder(Event)
+_encoder = msgspec.json.Encoder()
+
+
+def parse_event(
+    raw: bytes | None,
+    key: bytes | None = None,
+    *,
+    max_bytes: int = 16 * 1024,
+    max_future_ms: int = 600_000,
+    now_ms: int | None = None,
+) -> Event | Rejection:
+    """Validate one message. Pure apart from reading the clock when `now_ms` is not given."""
+    if raw is None:
+        return Rejection("invalid_json", "empty message (tombstone)")
+    if len(raw) > max_bytes:
+        return Rejection("too_large", f"message is {len(raw)} bytes; the limit is {max_bytes}")
+    try:
+        event = _decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        detail = str(exc)
+        if "timestamp" in detail and ">=" in detail:
+            detail += " (timestamp is Unix epoch *milliseconds*; seconds would look like this)"
+            return Rejection("timestamp_range", detail)
+        return Rejection("schema", detail)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        return Rejection("invalid_json", str(exc))
+    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    if event.timestamp > now + max_future_ms:
+        return Rejection(
+            "timestamp_range",
+            f"timestamp {event.timestamp} is {(event.timestamp - now) / 1000:.0f} s in the future "
+            f"(allowed: {max_future_ms / 1000:.0f} s)",
+        )
+    if key is not None and key != event.user_id.encode():
+        return Rejection("key_mismatch", f"message key {key[:64]!r} differs from user_id {event.user_id!r}")
+    return event
+
+
+def encode_event(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def event_json_schema() -> dict:
+    return msgspec.json.schema(Event)

@@ -1,0 +1,56 @@
+"""Prometheus metrics of the worker. Every metric is documented in docs/metrics.md.
+
+Labels are bounded sets only (event type is folded to the known types + "other", reasons come from
+`stream.events.REASONS`, Triton codes from gRPC status names); user ids never appear in a label.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+from stream.events import KNOWN_EVENT_TYPES
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+EVENTS_CONSUMED = Counter(
+    "interest_events_consumed_total", "Valid events read from the events topic.", ["event_type"]
+)
+EVENTS_REJECTED = Counter(
+    "interest_events_rejected_total", "Messages sent to the dead-letter topic, by reason.", ["reason"]
+)
+DUPLICATES_IGNORED = Counter("interest_duplicates_ignored_total", "Events ignored as repeats of a retained one.")
+SESSIONS_STARTED = Counter("interest_sessions_started_total", "Events that opened a new session.")
+USERS_IN_STATE = Gauge("interest_users_in_state", "Users held in this worker's state table.")
+USERS_PENDING = Gauge("interest_users_pending_inference", "Users whose state changed and await inference.")
+STATE_BYTES = Histogram(
+    "interest_state_bytes",
+    "Serialized size of a user's state when written.",
+    buckets=(256, 512, 1024, 2048, 4096, 8192, 16384),
+)
+BATCH_SIZE = Histogram("interest_inference_batch_size", "Sequences per inference request.", buckets=_BATCH_BUCKETS)
+INFERENCE_SECONDS = Histogram(
+    "interest_inference_duration_seconds", "Wall time of one Triton inference request.", buckets=_LATENCY_BUCKETS
+)
+TRITON_ERRORS = Counter("interest_triton_errors_total", "Failed Triton requests, by status code.", ["code"])
+TRITON_RETRIES = Counter("interest_triton_retries_total", "Triton requests retried after a failure.")
+CIRCUIT_OPEN = Gauge("interest_triton_circuit_open", "1 while the Triton circuit breaker is open, else 0.")
+OUTPUTS_PUBLISHED = Counter("interest_outputs_published_total", "Interest records published to the output topic.")
+EVENT_TO_OUTPUT_SECONDS = Histogram(
+    "interest_event_to_output_seconds",
+    "From an event's arrival at the worker to its user's published update (processing time).",
+    buckets=_LATENCY_BUCKETS,
+)
+EVENT_TIME_LAG_SECONDS = Histogram(
+    "interest_event_time_to_output_seconds",
+    "From an event's own timestamp to its user's published update (event time; large for replays).",
+    buckets=(*_LATENCY_BUCKETS, 300, 3600, 86400),
+)
+CONSUMER_LAG = Gauge(
+    "interest_consumer_lag_messages", "End offset minus committed offset of the events topic.", ["partition"]
+)
+BUILD_INFO = Info("interest_worker", "Worker and model versions.")
+
+
+def event_type_label(event_type: str) -> str:
+    return event_type if event_type in KNOWN_EVENT_TYPES else "other"

@@ -1,0 +1,89 @@
+"""Worker settings, read from environment variables (or a `.env` file) and CLI flags.
+
+Every field maps to one upper-case environment variable of the same name (`kafka_bootstrap_servers` ->
+`KAFKA_BOOTSTRAP_SERVERS`). Unknown `INTEREST_*`-style variables are not guessed at: deployment files are
+checked against `Settings.model_fields` by the tests, so a typo there fails CI instead of being ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from stream.sessions import SessionConfig
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # --- Kafka connection: any Kafka-protocol broker (Apache Kafka in production, noida-db locally).
+    kafka_bootstrap_servers: str = "localhost:9092"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+
+    # --- Topics. The DLQ is always `<topic_events>-dlq`.
+    app_id: str = "interest-stream"
+    topic_events: str = "user-events"
+    topic_output: str = "user-interests"
+    topic_partitions: int = Field(8, ge=1, le=1024)
+    topic_replication_factor: int = Field(1, ge=1)
+
+    # --- Event contract limits.
+    event_max_bytes: int = Field(16 * 1024, ge=256)
+    event_max_future_s: float = Field(600.0, ge=0, description="reject event times this far past the clock")
+
+    # --- Sessionization and state bounds.
+    session_gap_s: float = Field(1800.0, gt=0)
+    session_lateness_s: float = Field(3600.0, ge=0)
+    state_max_events: int = Field(200, ge=1)
+    state_max_sessions: int = Field(20, ge=1)
+    state_dir: Path = Path(".local/state")
+
+    # --- Worker runtime.
+    worker_web_port: int = Field(6066, ge=0, le=65535)
+    worker_web_host: str = "0.0.0.0"
+    worker_batch_max: int = Field(1000, ge=1)
+    worker_batch_wait_s: float = Field(0.05, gt=0)
+    worker_log_level: str = "info"
+
+    @property
+    def topic_dlq(self) -> str:
+        return f"{self.topic_events}-dlq"
+
+    def session_config(self) -> SessionConfig:
+        return SessionConfig(
+            gap_ms=round(self.session_gap_s * 1000),
+            lateness_ms=round(self.session_lateness_s * 1000),
+            max_events=self.state_max_events,
+            max_sessions=self.state_max_sessions,
+        )
+
+    def kafka_client_kwargs(self) -> dict[str, object]:
+        """Connection keywords shared by every aiokafka client the project makes."""
+        kwargs: dict[str, object] = {
+            "bootstrap_servers": self.kafka_bootstrap_servers,
+            "security_protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_sasl_mechanism:
+            kwargs["sasl_mechanism"] = self.kafka_sasl_mechanism
+            kwargs["sasl_plain_username"] = self.kafka_sasl_username
+            kwargs["sasl_plain_password"] = (
+                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
+            )
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            kwargs["ssl_context"] = create_ssl_context(
+                cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None,
+                certfile=str(self.kafka_ssl_certfile) if self.kafka_ssl_certfile else None,
+                keyfile=str(self.kafka_ssl_keyfile) if self.kafka_ssl_keyfile else None,
+            )
+        return kwargs
