@@ -47,12 +47,27 @@ class Settings(BaseSettings):
     state_max_sessions: int = Field(20, ge=1)
     state_dir: Path = Path(".local/state")
 
+    # --- Triton inference server (gRPC).
+    triton_url: str = "localhost:8001"
+    triton_model: str = "interest_transformer"
+    triton_model_version: str = ""  # empty: the server's latest ready version
+    triton_timeout_s: float = Field(5.0, gt=0)
+    triton_retry_max_s: float = Field(2.0, gt=0, description="cap of the exponential retry back-off")
+    triton_circuit_failures: int = Field(5, ge=1)
+    triton_circuit_reset_s: float = Field(10.0, gt=0)
+    triton_ssl: bool = False
+    triton_ssl_root_certificates: Path | None = None
+    triton_ssl_private_key: Path | None = None
+    triton_ssl_certificate_chain: Path | None = None
+    model_dir: Path = Path("artifacts/model_repository/interest_transformer")  # vocab, categories, metadata
+
     # --- Worker runtime.
     worker_web_port: int = Field(6066, ge=0, le=65535)
     worker_web_host: str = "0.0.0.0"
     worker_batch_max: int = Field(1000, ge=1)
     worker_batch_wait_s: float = Field(0.05, gt=0)
     worker_log_level: str = "info"
+    metrics_port: int = Field(9108, ge=0, le=65535)
 
     @property
     def topic_dlq(self) -> str:
