@@ -27,7 +27,9 @@ def data_dir() -> Path:
     for candidate in (here.parent / "shared" / "data", here / "shared" / "data", Path.cwd().parent / "shared" / "data"):
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError("shared data not found: set INTEREST_DATA_DIR to the folder holding movielens-latest-small/")
+    raise FileNotFoundError(
+        "shared data not found: set INTEREST_DATA_DIR to the folder holding movielens-latest-small/"
+    )
 
 
 def movielens_dir() -> Path:

@@ -13,9 +13,7 @@ from stream.events import KNOWN_EVENT_TYPES
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
-EVENTS_CONSUMED = Counter(
-    "interest_events_consumed_total", "Valid events read from the events topic.", ["event_type"]
-)
+EVENTS_CONSUMED = Counter("interest_events_consumed_total", "Valid events read from the events topic.", ["event_type"])
 EVENTS_REJECTED = Counter(
     "interest_events_rejected_total", "Messages sent to the dead-letter topic, by reason.", ["reason"]
 )

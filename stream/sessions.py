@@ -25,7 +25,7 @@ import hashlib
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import accumulate
+from itertools import accumulate, pairwise
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -207,7 +207,7 @@ def encode_state(state: UserState) -> bytes:
         _Stored(
             format=STATE_FORMAT,
             t0=ts[0] if ts else 0,
-            dts=[b - a for a, b in zip(ts, ts[1:], strict=False)],
+            dts=[b - a for a, b in pairwise(ts)],
             items=list(state.items),
             types=[_TYPE_CODES.get(t, t) for t in state.types],
             values=[int(v) if v is not None and v.is_integer() else v for v in state.values],

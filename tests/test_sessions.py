@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -53,8 +55,8 @@ def check_invariants(state: UserState, cfg: SessionConfig) -> None:
         assert state.starts[0] == 0
         for s in state.session_slices():
             seg = state.ts[s]
-            assert all(b - a <= cfg.gap_ms for a, b in zip(seg, seg[1:], strict=False))
-        for a, b in zip(state.starts, state.starts[1:], strict=False):
+            assert all(b - a <= cfg.gap_ms for a, b in itertools.pairwise(seg))
+        for _a, b in zip(state.starts, state.starts[1:], strict=False):
             assert state.ts[b] - state.ts[b - 1] > cfg.gap_ms
         horizon = state.ts[-1] - cfg.lateness_ms - cfg.gap_ms
         closed = [s for s in state.session_slices() if state.ts[s.stop - 1] < horizon]
