@@ -28,7 +28,7 @@ def data_dir() -> Path:
         if candidate.is_dir():
             return candidate
     raise FileNotFoundError(
-        "shared data not found: set INTEREST_DATA_DIR to the folder holding movielens-latest-small/"
+        "shared data not found: set INTEREST_DATA_DIR (holds movielens-latest-small/)"
     )
 
 
