@@ -1,0 +1,1 @@
+"""Local stand-ins for production servers (Kafka broker, Triton), started by PID on free ports."""
