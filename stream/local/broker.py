@@ -1,0 +1,317 @@
+"""The local Kafka-protocol broker (noida-db) for the demo and the tests, and explicit topic creation.
+
+`LocalBroker` runs `noida-db start --only kafka` in the foreground as our own child, so we hold its PID and
+stop exactly that process. The `noida-db` console script is a Python wrapper that forks the real binary and
+does not forward signals (SIGTERM to the wrapper orphans the server), so we launch the packaged binary
+directly, in its own process group.
+
+`ensure_topics` works against any Kafka (Apache Kafka in production): it never relies on auto-creation,
+which on noida-db makes 1 partition, and it refuses a topic whose partition count differs from the settings,
+because keyed state would then be spread over the wrong partitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Coroutine, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from importlib.resources import files
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from stream.settings import Settings
+
+T = TypeVar("T")
+
+#: Kafka error code for "topic already exists" (a concurrent creator won the race).
+_TOPIC_ALREADY_EXISTS = 36
+
+
+class BrokerError(RuntimeError):
+    """The local broker did not start, or a topic does not match the settings."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS considers free right now (another process may still take it before we bind)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def noida_binary() -> str:
+    """The real noida-db executable (not the Python wrapper, which would hide the server's PID)."""
+    with contextlib.suppress(ModuleNotFoundError):
+        path = files("noida_db").joinpath("noida-db")
+        if path.is_file():
+            return str(path)
+    found = shutil.which("noida-db")
+    if found is None:
+        raise BrokerError("noida-db not found: install the `local` extra (pip install noida-db)")
+    return found  # the wrapper: still stopped cleanly, as we signal its whole process group
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from sync code, even when called inside a running event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+async def kafka_answers(bootstrap: str, timeout_s: float = 2.0, **client_kwargs: Any) -> bool:
+    """True when a broker at `bootstrap` answers a real Kafka metadata request."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    client_kwargs = {k: v for k, v in client_kwargs.items() if k != "bootstrap_servers"}
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), **client_kwargs)
+    try:
+        await asyncio.wait_for(admin.start(), timeout_s)
+        await asyncio.wait_for(admin.describe_cluster(), timeout_s)
+        return True
+    except Exception:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+
+
+class LocalBroker:
+    """One noida-db Kafka broker on a free (or given) port with its own data dir; stop() ends it by PID."""
+
+    def __init__(self, data_dir: str | Path, port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self._fixed_port = port
+        self.port = port or 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
+
+    @property
+    def bootstrap(self) -> str:
+        if self.proc is None:
+            raise BrokerError("the broker is not started")
+        return f"{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "noida.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def start(self, timeout_s: float = 30.0) -> LocalBroker:
+        """Start the broker and return once it answers a metadata request; raise BrokerError otherwise."""
+        if self.proc is not None:
+            return self
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        attempts = 1 if self._fixed_port else 3  # a free port can be taken between the probe and the bind
+        for attempt in range(attempts):
+            self.port = self._fixed_port or free_port(self.host)
+            self._spawn()
+            try:
+                self._wait_ready(timeout_s)
+                return self
+            except BrokerError:
+                died = self.proc is not None and self.proc.poll() is not None
+                self.stop()
+                if not died or attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _spawn(self) -> None:
+        cmd = [
+            noida_binary(),
+            "start",
+            "--data-dir",
+            str(self.data_dir),
+            "--host",
+            self.host,
+            "--only",
+            "kafka",
+            "--kafka-port",
+            str(self.port),
+        ]
+        if self._fixed_port and not _port_free(self.host, self.port):
+            raise BrokerError(f"port {self.host}:{self.port} is already in use (leave `port` out to pick a free one)")
+        with open(self.log_path, "ab") as log:
+            self._log_offset = log.tell()
+            log.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        atexit.register(self.stop)  # a crashed test session or demo still stops its broker
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise BrokerError(
+                    f"noida-db exited with code {self.proc.returncode} before answering on {self.bootstrap}; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
+            # Our server says it bound the port (so a foreign server on it cannot fool us), and it answers.
+            if self._bound() and run_sync(kafka_answers(self.bootstrap, timeout_s=1.0)) and self.proc.poll() is None:
+                return
+            if time.monotonic() > deadline:
+                raise BrokerError(
+                    f"noida-db (pid {self.proc.pid}) did not answer on {self.bootstrap} within {timeout_s:.0f} s; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
+            time.sleep(0.2)
+
+    def _bound(self) -> bool:
+        with open(self.log_path, "rb") as log:
+            log.seek(self._log_offset)
+            text = log.read().decode(errors="replace")
+        return re.search(rf"kafka\s+{re.escape(self.host)}:{self.port}\b", text) is not None
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM our broker's process group, wait, SIGKILL after `timeout_s`. Returns the exit code."""
+        proc, self.proc = self.proc, None
+        atexit.unregister(self.stop)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            self._signal(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self._signal(proc, signal.SIGKILL)
+                proc.wait(5)
+        return proc.returncode
+
+    @staticmethod
+    def _signal(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+        # The group was created by start_new_session, so its id is our child's PID: nothing else is hit.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+
+    def __enter__(self) -> LocalBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = f"pid={self.proc.pid} {self.host}:{self.port}" if self.proc else "stopped"
+        return f"LocalBroker({str(self.data_dir)!r}, {state})"
+
+
+def changelog_topic(app_id: str, table: str) -> str:
+    """The changelog topic Faust uses for `app.Table(table)` (its `<app id>-<table>-changelog` convention)."""
+    return f"{app_id}-{table}-changelog"
+
+
+def default_topics(settings: Settings, tables: tuple[str, ...] = ()) -> dict[str, int]:
+    """Input, its DLQ, output, and the changelogs of the given Faust tables, each with the configured partitions."""
+    names = [settings.topic_events, settings.topic_dlq, settings.topic_output]
+    names += [changelog_topic(settings.app_id, t) for t in tables]
+    return dict.fromkeys(names, settings.topic_partitions)
+
+
+async def ensure_topics_async(
+    settings: Settings,
+    topics: Mapping[str, int] | None = None,
+    *,
+    tables: tuple[str, ...] = (),
+    timeout_s: float = 30.0,
+) -> dict[str, int]:
+    """Create missing topics with their partition counts; existing ones must already have that count.
+
+    `topics` maps name -> partitions (default: `default_topics(settings, tables)`). Changelog topics of
+    `tables` are created compacted. Idempotent, and safe against a concurrent creator. Returns what exists.
+    """
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    wanted = dict(topics) if topics is not None else default_topics(settings, tables)
+    compacted = {changelog_topic(settings.app_id, t) for t in tables}
+    admin = AIOKafkaAdminClient(**settings.kafka_client_kwargs(), request_timeout_ms=int(timeout_s * 1000))
+    await admin.start()
+    try:
+        existing = await _partition_counts(admin)  # all topics: a metadata request naming one may auto-create it
+        missing = [name for name in wanted if name not in existing]
+        if missing:
+            new = [
+                NewTopic(
+                    name,
+                    wanted[name],
+                    settings.topic_replication_factor,
+                    topic_configs={"cleanup.policy": "compact"} if name in compacted else {},
+                )
+                for name in missing
+            ]
+            response = await admin.create_topics(new, timeout_ms=int(timeout_s * 1000))
+            for name, code, *rest in response.topic_errors:
+                if code not in (0, _TOPIC_ALREADY_EXISTS):
+                    message = rest[0] if rest else ""
+                    raise BrokerError(f"creating topic {name!r} failed: Kafka error {code} {message}".strip())
+            existing = await _wait_visible(admin, missing, timeout_s)
+        wrong = {n: existing[n] for n in wanted if existing[n] != wanted[n]}
+        if wrong:
+            detail = ", ".join(f"{n!r} has {have} (settings want {wanted[n]})" for n, have in wrong.items())
+            raise BrokerError(
+                f"topic partition count mismatch: {detail}. Keys would map to other partitions than the state "
+                "was built with; delete the topics or set TOPIC_PARTITIONS to match."
+            )
+        return {n: existing[n] for n in wanted}
+    finally:
+        await admin.close()
+
+
+async def _partition_counts(admin: Any) -> dict[str, int]:
+    return {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics() if t["error_code"] == 0}
+
+
+async def _wait_visible(admin: Any, names: list[str], timeout_s: float) -> dict[str, int]:
+    """Creation is asynchronous on a real cluster: wait until metadata lists every new topic."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        existing = await _partition_counts(admin)
+        absent = [n for n in names if n not in existing]
+        if not absent:
+            return existing
+        if time.monotonic() > deadline:
+            raise BrokerError(f"topics not visible {timeout_s:.0f} s after creation: {absent}")
+        await asyncio.sleep(0.1)
+
+
+def ensure_topics(
+    settings: Settings,
+    topics: Mapping[str, int] | None = None,
+    *,
+    tables: tuple[str, ...] = (),
+    timeout_s: float = 30.0,
+) -> dict[str, int]:
+    """Sync wrapper of `ensure_topics_async` (for fixtures, the CLI and scripts)."""
+    return run_sync(ensure_topics_async(settings, topics, tables=tables, timeout_s=timeout_s))
