@@ -1,0 +1,154 @@
+"""The one feature encoding: a user's retained history (`stream.sessions.UserState`) -> fixed-length model inputs.
+
+Torch-free (numpy only): training, offline evaluation and the worker (`stream/`) all call `encode_batch`, so the
+model sees the same tensors offline and online. Every input is int64 of shape [max_len] per sequence, LEFT-padded:
+the most recent retained event sits at index max_len-1 and an overlong history keeps its most recent max_len events.
+
+| input         | values                                                                                     |
+|---------------|--------------------------------------------------------------------------------------------|
+| `item_ids`    | 0 pad, 1 out-of-vocabulary, 2.. items of the `Vocabulary`                                  |
+| `event_types` | 0 pad, 1 other/unknown, 2.. `stream.events.KNOWN_EVENT_TYPES` in order                     |
+| `session_pos` | sessions after this event's: 0 = current (last) session, 1 = the one before, ... capped at  |
+|               | `max_session_pos`; 0 on padding (padding is identified by `item_ids == PAD`)               |
+| `time_gaps`   | 0 pad, 1 first event of the encoded window (no previous event), else 2 + the number of     |
+|               | `gap_edges_ms` that the gap to the previous event is >= (log-spaced: 1 s .. 1 year)        |
+
+The first event of the window always gets bucket 1, even when older events exist in the state: the encoding then
+depends only on the window, so a long offline history and the worker's bounded state encode alike.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import chain, repeat
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+
+from stream.events import KNOWN_EVENT_TYPES
+from stream.sessions import UserState
+
+PAD: Final = 0
+OOV: Final = 1
+
+EVENT_TYPE_IDS: Final = {name: i + 2 for i, name in enumerate(KNOWN_EVENT_TYPES)}
+N_EVENT_TYPES: Final = 2 + len(KNOWN_EVENT_TYPES)
+
+INPUT_NAMES: Final = ("item_ids", "event_types", "session_pos", "time_gaps")
+
+_S = 1000
+#: Log-spaced gap edges (ms): 1 s, 10 s, 1 min, 5 min, 30 min (the session gap), 2 h, 1 day, 1 week, 30 days, 1 year.
+DEFAULT_GAP_EDGES_MS: Final = (_S, 10 * _S, 60 * _S, 300 * _S, 1800 * _S, 7200 * _S, 86400 * _S, 604800 * _S,
+                               2_592_000 * _S, 31_536_000 * _S)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    max_len: int = 200
+    max_session_pos: int = 63  # older sessions share the capped position
+    gap_edges_ms: tuple[int, ...] = DEFAULT_GAP_EDGES_MS
+
+    @property
+    def n_session_pos(self) -> int:
+        return self.max_session_pos + 1
+
+    @property
+    def n_time_gaps(self) -> int:
+        return 2 + len(self.gap_edges_ms) + 1
+
+    def to_dict(self) -> dict:
+        return {
+            "max_len": self.max_len,
+            "max_session_pos": self.max_session_pos,
+            "gap_edges_ms": list(self.gap_edges_ms),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EncoderConfig:
+        return cls(int(d["max_len"]), int(d["max_session_pos"]), tuple(int(x) for x in d["gap_edges_ms"]))
+
+
+class Vocabulary:
+    """Item id <-> index; indices 0 (PAD) and 1 (OOV) are reserved, so `len` counts them."""
+
+    def __init__(self, items: Iterable[str]) -> None:
+        self._items: list[str] = []
+        self._index: dict[str, int] = {}
+        for item in items:
+            if item not in self._index:
+                self._index[item] = len(self._items) + 2
+                self._items.append(item)
+
+    def __len__(self) -> int:
+        return len(self._items) + 2
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._index
+
+    def index(self, item_id: str) -> int:
+        return self._index.get(item_id, OOV)
+
+    def item(self, index: int) -> str | None:
+        """The item id at `index`, None for PAD/OOV/out of range."""
+        return self._items[index - 2] if 2 <= index < len(self) else None
+
+    @property
+    def items(self) -> list[str]:
+        return list(self._items)
+
+    def indices(self, item_ids: Iterable[str]) -> np.ndarray:
+        return np.fromiter(map(self._index.get, item_ids, repeat(OOV)), dtype=np.int64)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"pad": PAD, "oov": OOV, "items": self._items}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Vocabulary:
+        return cls(json.loads(Path(path).read_text())["items"])
+
+
+def encode_history(state: UserState, vocab: Vocabulary, cfg: EncoderConfig) -> dict[str, np.ndarray]:
+    """One sequence: each input of shape [max_len]."""
+    return {k: v[0] for k, v in encode_batch([state], vocab, cfg).items()}
+
+
+def encode_batch(states: Sequence[UserState], vocab: Vocabulary, cfg: EncoderConfig) -> dict[str, np.ndarray]:
+    """A batch: each input of shape [B, max_len], int64. Vectorized over the flattened windows of all states."""
+    B, L = len(states), cfg.max_len
+    out = {name: np.zeros((B, L), dtype=np.int64) for name in INPUT_NAMES}
+    ns = np.fromiter((min(len(s), L) for s in states), dtype=np.int64, count=B)
+    total = int(ns.sum())
+    if total == 0:
+        return out
+    lo = [len(s) - n for s, n in zip(states, ns.tolist(), strict=True)]  # first retained index in the window
+    items = vocab.indices(chain.from_iterable(s.items[a:] for s, a in zip(states, lo, strict=True)))
+    types = np.fromiter(
+        map(EVENT_TYPE_IDS.get, chain.from_iterable(s.types[a:] for s, a in zip(states, lo, strict=True)), repeat(1)),
+        dtype=np.int64,
+        count=total,
+    )
+    ts = np.fromiter(chain.from_iterable(s.ts[a:] for s, a in zip(states, lo, strict=True)), np.int64, total)
+
+    offsets = np.zeros(B, dtype=np.int64)
+    np.cumsum(ns[:-1], out=offsets[1:])
+    seq_first = offsets[ns > 0]
+    # Session boundaries inside each window, as flat indices; sessions after an event = boundaries after it.
+    flags = np.zeros(total, dtype=np.int64)
+    bounds = [o + b - a for s, a, o in zip(states, lo, offsets.tolist(), strict=True) for b in s.starts if b > a]
+    flags[np.asarray(bounds, dtype=np.int64)] = 1
+    csum = np.cumsum(flags)
+    seq_end = np.repeat(offsets + ns - 1, ns)
+    session_pos = np.minimum(csum[seq_end] - csum, cfg.max_session_pos)
+
+    gaps = np.empty(total, dtype=np.int64)
+    gaps[1:] = 2 + np.searchsorted(np.asarray(cfg.gap_edges_ms, dtype=np.int64), np.diff(ts), side="right")
+    gaps[seq_first] = 1
+
+    rows = np.repeat(np.arange(B), ns)
+    cols = np.arange(total) - np.repeat(offsets, ns) + np.repeat(L - ns, ns)
+    for name, values in zip(INPUT_NAMES, (items, types, session_pos, gaps), strict=True):
+        out[name][rows, cols] = values
+    return out

@@ -1,0 +1,189 @@
+"""The cross-session interest Transformer (inputs from `models.encoding`, one user history per row).
+
+Item + event-type + time-gap + recency-position embeddings feed pre-LN causal self-attention blocks. Sessions
+enter twice, both *relative* to the attending position, so a causal model can be trained at every position
+without leaking how many sessions follow:
+
+* a learned attention bias per head on the session distance between query and key (0 = same session);
+* an optional fusion: each position attends over mean-pooled summaries of the sessions *before its own*
+  (long-term interest) and a gate mixes that into its current (short-term) state.
+
+The interest vector is the L2-normalized output at the last position. An all-padding row (cold start) returns
+the learned, L2-normalized `cold` vector, trained as the predictor of every history's first item, so it
+behaves like a popularity prior. Scores use the item embeddings (tied). Forward has no data-dependent Python
+control flow (masks only), so it exports to ONNX with a dynamic batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.encoding import N_EVENT_TYPES, OOV, PAD, EncoderConfig
+
+_NEG = -1e9  # finite: a fully masked row stays a number
+
+
+@dataclass
+class ModelConfig:
+    n_items: int  # vocabulary size including PAD and OOV
+    n_categories: int = 0
+    max_len: int = 200
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    dropout: float = 0.2
+    n_event_types: int = N_EVENT_TYPES
+    n_session_pos: int = 64  # EncoderConfig.n_session_pos
+    n_time_gaps: int = 13  # EncoderConfig.n_time_gaps
+    max_session_dist: int = 8  # session distances beyond share one attention bias
+    use_session_pos: bool = True
+    use_time_gaps: bool = True
+    use_fusion: bool = True
+
+    @classmethod
+    def for_encoder(cls, enc: EncoderConfig, n_items: int, **kw) -> ModelConfig:
+        return cls(n_items, max_len=enc.max_len, n_session_pos=enc.n_session_pos, n_time_gaps=enc.n_time_gaps, **kw)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(), nn.Linear(4 * cfg.d_model, cfg.d_model)
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor, mask: Tensor, last_only: bool = False) -> Tensor:
+        """`mask`: additive [B, H|1, L, L] (bias; _NEG where not allowed). `last_only`: query the last position only."""
+        B, L, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if last_only:
+            x, q, mask = x[:, -1:], q[:, :, -1:], mask[..., -1:, :]
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, x.shape[1], D)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class Fusion(nn.Module):
+    """Long-term interest: each query attends over summaries of the sessions before its own, gated in.
+
+    Summaries are per-session means of `ctx` (the input of the last block, known at every position), so serving
+    can run the last block and the fusion for the last position only.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, self.n_pos = cfg.d_model, cfg.n_session_pos
+        self.ln = nn.LayerNorm(d)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.null = nn.Parameter(torch.zeros(d))  # always attendable: "no earlier session"
+        self.gate = nn.Linear(2 * d, d)
+        nn.init.constant_(self.gate.bias, -2.0)  # start close to the plain Transformer
+
+    def forward(self, h: Tensor, ctx: Tensor, session_pos: Tensor, valid: Tensor) -> Tensor:
+        """h: [B, Lq, d] queries (the last Lq positions); ctx, session_pos, valid: all L positions."""
+        pos = torch.arange(self.n_pos, device=h.device)
+        m = ((session_pos.unsqueeze(-1) == pos) & valid.unsqueeze(-1)).to(h.dtype)  # [B,L,P]
+        count = m.sum(1)  # [B,P]
+        summaries = (m.transpose(1, 2) @ self.ln(ctx)) / count.clamp(min=1.0).unsqueeze(-1)  # [B,P,d]
+        keys = torch.cat([self.null.expand(h.shape[0], 1, -1), summaries], 1)  # [B,1+P,d]
+        q_pos = session_pos[:, -h.shape[1] :].unsqueeze(-1)
+        earlier = (pos > q_pos) & (count > 0).unsqueeze(1)  # [B,Lq,P]
+        ok = torch.cat([torch.ones_like(earlier[..., :1]), earlier], -1)
+        att = self.q(h) @ self.k(keys).transpose(1, 2) * h.shape[-1] ** -0.5
+        long_term = att.masked_fill(~ok, _NEG).softmax(-1) @ self.v(keys)
+        return h + torch.sigmoid(self.gate(torch.cat([h, long_term], -1))) * long_term
+
+
+class InterestTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.item_emb = nn.Embedding(cfg.n_items, d, padding_idx=PAD)
+        self.type_emb = nn.Embedding(cfg.n_event_types, d, padding_idx=0)
+        self.gap_emb = nn.Embedding(cfg.n_time_gaps, d, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.max_len, d)
+        self.session_bias = nn.Embedding(cfg.max_session_dist + 1, cfg.n_heads)
+        nn.init.zeros_(self.session_bias.weight)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.fusion = Fusion(cfg) if cfg.use_fusion else None
+        self.cold = nn.Parameter(torch.randn(d) * 0.02)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.category_head = nn.Linear(d, cfg.n_categories)
+        nn.init.normal_(self.item_emb.weight, std=d**-0.5)
+        with torch.no_grad():
+            self.item_emb.weight[PAD].zero_()
+        mask = torch.zeros(cfg.n_items)
+        mask[[PAD, OOV]] = float("-inf")
+        self.register_buffer("item_mask", mask, persistent=False)
+        self.register_buffer("causal", torch.tril(torch.ones(cfg.max_len, cfg.max_len, dtype=torch.bool)), False)
+        self.register_buffer("eye", torch.eye(cfg.max_len, dtype=torch.bool), persistent=False)
+
+    def sequence_interests(
+        self, item_ids: Tensor, event_types: Tensor, session_pos: Tensor, time_gaps: Tensor, last_only: bool = False
+    ) -> Tensor:
+        """[B, L, d] L2-normalized interest after every position (training); [B, 1, d] with `last_only`."""
+        cfg = self.cfg
+        L = item_ids.shape[1]
+        valid = item_ids != PAD
+        x = self.item_emb(item_ids) + self.type_emb(event_types) + self.pos_emb.weight[-L:]
+        if cfg.use_time_gaps:
+            x = x + self.gap_emb(time_gaps)
+        x = self.drop(x * valid.unsqueeze(-1).to(x.dtype))
+        # query i may attend key j <= i that is not padding; always itself (no empty rows, no NaN)
+        allowed = ((self.causal[:L, :L] & valid.unsqueeze(1)) | self.eye[:L, :L]).unsqueeze(1)  # [B,1,L,L]
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, _NEG)
+        if cfg.use_session_pos:
+            dist = (session_pos.unsqueeze(1) - session_pos.unsqueeze(2)).clamp(0, cfg.max_session_dist)  # [B,Lq,Lk]
+            mask = mask + self.session_bias(dist).permute(0, 3, 1, 2)  # [B,H,L,L]
+        for block in self.blocks[:-1]:
+            x = block(x, mask)
+        ctx = x
+        h = self.ln_f(self.blocks[-1](x, mask, last_only))
+        if self.fusion is not None:
+            h = self.fusion(h, ctx, session_pos, valid)
+        return F.normalize(h, dim=-1)
+
+    def cold_interest(self) -> Tensor:
+        return F.normalize(self.cold, dim=-1)
+
+    def forward(self, item_ids: Tensor, event_types: Tensor, session_pos: Tensor, time_gaps: Tensor) -> Tensor:
+        """Interest [B, d], L2-normalized; the cold vector where the history is empty (last position is PAD)."""
+        h = self.sequence_interests(item_ids, event_types, session_pos, time_gaps, last_only=True)[:, -1]
+        empty = (item_ids[:, -1] == PAD).unsqueeze(-1)
+        return torch.where(empty, self.cold_interest().expand_as(h), h)
+
+    def item_logits(self, interest: Tensor, items: Tensor | None = None) -> Tensor:
+        """Scaled dot products with (tied) item embeddings; all items, or the given item indices."""
+        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
+        if items is None:
+            return scale * interest @ self.item_emb.weight.T
+        return scale * (interest.unsqueeze(-2) * self.item_emb(items)).sum(-1)
+
+    def item_scores(self, interest: Tensor) -> Tensor:
+        """[B, n_items] next-item logits; PAD and OOV are -inf."""
+        return self.item_logits(interest) + self.item_mask
+
+    def category_logits(self, interest: Tensor) -> Tensor:
+        return self.category_head(interest)
+
+    def category_scores(self, interest: Tensor) -> Tensor:
+        """[B, n_categories] independent probabilities (multi-label: a movie has several genres)."""
+        return torch.sigmoid(self.category_head(interest))
