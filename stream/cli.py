@@ -32,3 +32,64 @@ def worker(
         "metrics_port": metrics_port,
     }
     run_worker(Settings(**{k: v for k, v in overrides.items() if v is not None}))
+
+
+@app.command()
+def replay(
+    source: str = typer.Argument(..., help="movielens | otto | synthetic"),
+    rate: float | None = typer.Option(None, help="Messages per second (default: full speed)"),
+    events: int | None = typer.Option(None, help="Synthetic: messages to make; data sets: keep the first N"),
+    users: int | None = typer.Option(None, help="Synthetic: users to make; data sets: keep the first N users"),
+    malformed_share: float = typer.Option(0.0, help="Share of all messages that are malformed, in [0, 1)"),
+    seed: int = typer.Option(0, help="Seed of the synthetic data and of the malformed mix"),
+    topic: str | None = typer.Option(None, help="Topic to publish to (env TOPIC_EVENTS)"),
+    bootstrap: str | None = typer.Option(None, help="Kafka bootstrap servers (env KAFKA_BOOTSTRAP_SERVERS)"),
+    progress: bool = typer.Option(True, help="Show a progress bar"),
+) -> None:
+    """Publish a data set to the events topic, keyed by user_id."""
+    from stream.replay import SOURCES
+    from stream.replay import replay as run_replay
+    from stream.settings import Settings
+
+    if source not in SOURCES:
+        raise typer.BadParameter(f"choose one of {', '.join(SOURCES)}", param_hint="SOURCE")
+    settings = Settings(**({"kafka_bootstrap_servers": bootstrap} if bootstrap else {}))
+    result = run_replay(
+        settings,
+        source,  # type: ignore[arg-type]
+        events=events,
+        users=users,
+        malformed_share=malformed_share,
+        seed=seed,
+        rate=rate,
+        topic=topic,
+        progress=progress,
+    )
+    typer.echo(
+        f"sent {result.sent} messages ({result.malformed} malformed) to {result.topic} "
+        f"in {result.seconds:.2f} s: {result.events_per_s:,.0f} msg/s"
+    )
+
+
+@app.command()
+def tail(
+    topic: str | None = typer.Option(None, help="Topic to read (default: the events topic, env TOPIC_EVENTS)"),
+    from_beginning: bool = typer.Option(False, "--from-beginning", help="Start at the oldest record"),
+    max_records: int | None = typer.Option(None, "--max", help="Stop after N records"),
+    idle_timeout: float | None = typer.Option(None, help="Stop after this many seconds without a record"),
+    bootstrap: str | None = typer.Option(None, help="Kafka bootstrap servers (env KAFKA_BOOTSTRAP_SERVERS)"),
+) -> None:
+    """Print a topic's records (key, partition, offset, JSON value; headers for a -dlq topic)."""
+    from stream.local.broker import run_sync
+    from stream.settings import Settings
+    from stream.tail import tail as run_tail
+
+    settings = Settings(**({"kafka_bootstrap_servers": bootstrap} if bootstrap else {}))
+    try:
+        run_sync(
+            run_tail(
+                settings, topic, from_beginning=from_beginning, max_records=max_records, idle_timeout_s=idle_timeout
+            )
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--topic") from exc
