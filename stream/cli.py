@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import typer
 
 from models.cli import register as register_model_commands
@@ -93,3 +96,35 @@ def tail(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--topic") from exc
+
+
+@app.command()
+def triton(
+    repo: Path = typer.Option(..., help="Triton model repository, e.g. the CPU twin written by `export`"),
+    http_port: int | None = typer.Option(None, help="HTTP port on 127.0.0.1 (default: a free one)"),
+    grpc_port: int | None = typer.Option(None, help="gRPC port on 127.0.0.1 (default: a free one)"),
+    metrics_port: int | None = typer.Option(None, help="Prometheus metrics port on 127.0.0.1 (default: a free one)"),
+    log_file: Path | None = typer.Option(None, help="server log (default: .local/triton/logs/)"),
+    log_verbose: int = typer.Option(0, help="tritonserver --log-verbose level"),
+) -> None:
+    """Serve a model repository with the local tritonserver (nvidia-pytriton) until SIGTERM or Ctrl-C."""
+    from stream.local.triton import LocalTriton
+
+    server = LocalTriton(
+        repo,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        log_file=log_file,
+        log_verbose=log_verbose,
+    ).start()
+    typer.echo(f"models   {', '.join(server.models)} READY")
+    typer.echo(f"log      {server.log_file}")
+    typer.echo(f"pid      {server.pid}")
+    typer.echo(f"http     {server.http_url}")
+    typer.echo(f"metrics  {server.metrics_url}")
+    typer.echo(f"grpc     {server.grpc_url}")
+    sys.stdout.flush()
+    code = server.serve_forever()
+    typer.echo(f"tritonserver stopped (exit code {code})")
+    raise typer.Exit(0 if code in (0, None) else 1)

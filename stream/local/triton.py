@@ -182,7 +182,7 @@ class LocalTriton:
             except RuntimeError as e:
                 self.stop()
                 if attempt == attempts or "address already in use" not in self.logs().lower():
-                    raise RuntimeError(f"{e}\n--- tritonserver log ({self.log_file}) ---\n{self.logs()[-4000:]}") from e
+                    raise RuntimeError(f"{e}; log {self.log_file}:\n{self.log_excerpt()}") from e
         raise AssertionError("unreachable")
 
     def _launch(self, layout: TritonLayout) -> None:
@@ -262,6 +262,12 @@ class LocalTriton:
             return self.log_file.read_text(errors="replace") if self.log_file else ""
         except FileNotFoundError:
             return ""
+
+    def log_excerpt(self, tail: int = 8) -> str:
+        """The error lines (model load failures sit above a long status table) and the last few lines."""
+        lines = self.logs().splitlines()
+        errors = [ln for ln in lines if (ln[:1] == "E" and ln[1:5].isdigit()) or "error" in ln.lower()]
+        return "\n".join(dict.fromkeys(errors[-20:] + lines[-tail:]))
 
     def __enter__(self) -> LocalTriton:
         return self.start()

@@ -1,0 +1,273 @@
+"""Export a checkpoint to Triton: one `model.onnx`, a production GPU repository and a local CPU twin.
+
+The graph computes everything the worker needs (interest, top-k items with scores, category scores), so the
+worker only moves tensors. Both repositories get their inputs, outputs, dims, max_batch_size and dynamic batching
+from one `ServingSpec`, so the twin cannot drift from production; they differ only in how the model runs:
+
+    DIR/interest_transformer/            platform onnxruntime_onnx, KIND_GPU          (production)
+    DIR-twin/interest_transformer/       backend python: onnxruntime on CPU            (local tritonserver)
+        config.pbtxt  1/model.onnx  [1/model.py]  vocab.json  categories.json  metadata.json
+
+Exporter: the TorchScript ("legacy") exporter. With torch 2.13 the dynamo exporter fails while decomposing the
+attention (`Cannot view a tensor with shape [s, 200, 2, 8] and strides (3200, 8, 1600, 1)`: the decomposed
+scaled_dot_product_attention reports strides its `.reshape` cannot view); the legacy graph matches eager to ~1e-6.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+from google.protobuf import text_format
+from torch import Tensor, nn
+from tritonclient.grpc import model_config_pb2 as mc
+
+from models.encoding import INPUT_NAMES, PAD, EncoderConfig, Vocabulary
+
+MODEL_NAME = "interest_transformer"
+OUTPUT_NAMES = ("interest", "top_items", "top_scores", "category_scores")
+OPSET = 17
+_SEEN_PENALTY = 1e4  # logits are bounded by the clamped logit scale (<= 100), so seen items rank below all unseen
+
+
+class ServingModel(nn.Module):
+    """What Triton serves: the model plus its heads and top-k, in one graph.
+
+    `top_items` are vocabulary indices, best first; PAD/OOV are never returned (k <= n_items - 2). With
+    `filter_seen` (the evaluation protocol) items in the history rank after every unseen item, not removed, so
+    the output shape stays [k] even for a history that covers the catalogue. `top_scores` are the item logits.
+    """
+
+    def __init__(self, model: nn.Module, k: int = 20, filter_seen: bool = True) -> None:
+        super().__init__()
+        n_items = model.item_emb.num_embeddings
+        if not 1 <= k <= n_items - 2:
+            raise ValueError(f"k={k} must be in [1, {n_items - 2}] (items without PAD/OOV)")
+        self.model, self.k, self.filter_seen = model, k, filter_seen
+
+    def forward(
+        self, item_ids: Tensor, event_types: Tensor, session_pos: Tensor, time_gaps: Tensor
+    ) -> tuple[Tensor, ...]:
+        interest = self.model(item_ids, event_types, session_pos, time_gaps)
+        scores = self.model.item_scores(interest)
+        rank = scores
+        if self.filter_seen:
+            seen = torch.zeros_like(scores).scatter(1, item_ids, 1.0)
+            rank = scores - _SEEN_PENALTY * seen
+        top_items = torch.topk(rank, self.k, dim=1).indices
+        top_scores = scores.gather(1, top_items)
+        return interest, top_items, top_scores, self.model.category_scores(interest)
+
+
+@dataclass(frozen=True)
+class ServingSpec:
+    """Everything both Triton configs must agree on."""
+
+    max_len: int
+    d_model: int
+    k: int
+    n_categories: int
+    name: str = MODEL_NAME
+    max_batch_size: int = 1024
+    preferred_batch_sizes: tuple[int, ...] = (128, 512, 1024)
+    max_queue_delay_us: int = 2000
+
+    def inputs(self) -> list[tuple[str, str, list[int]]]:
+        return [(n, "TYPE_INT64", [self.max_len]) for n in INPUT_NAMES]
+
+    def outputs(self) -> list[tuple[str, str, list[int]]]:
+        dims = {
+            "interest": self.d_model,
+            "top_items": self.k,
+            "top_scores": self.k,
+            "category_scores": self.n_categories,
+        }
+        types = {"top_items": "TYPE_INT64"}
+        return [(n, types.get(n, "TYPE_FP32"), [dims[n]]) for n in OUTPUT_NAMES]
+
+    def config(self, kind: Literal["production", "twin"], twin_threads: int = 0) -> mc.ModelConfig:
+        """The config.pbtxt message: production runs the ONNX on GPUs, the twin runs our python model on CPU."""
+        c = mc.ModelConfig(name=self.name, max_batch_size=self.max_batch_size)
+        for name, dtype, dims in self.inputs():
+            c.input.add(name=name, data_type=mc.DataType.Value(dtype), dims=dims)
+        for name, dtype, dims in self.outputs():
+            c.output.add(name=name, data_type=mc.DataType.Value(dtype), dims=dims)
+        c.dynamic_batching.preferred_batch_size.extend(self.preferred_batch_sizes)
+        c.dynamic_batching.max_queue_delay_microseconds = self.max_queue_delay_us
+        if kind == "production":
+            c.platform = "onnxruntime_onnx"
+            c.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
+        else:
+            c.backend = "python"
+            c.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+            c.parameters["intra_op_threads"].string_value = str(twin_threads)  # 0: min(4, cores)
+        return c
+
+
+def example_inputs(batch: int, max_len: int, n_items: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random left-padded histories of random lengths (valid index ranges), for export, tests and benchmarks."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, max_len + 1, batch)
+    valid = np.arange(max_len)[None, :] >= (max_len - lengths)[:, None]
+    x = {
+        "item_ids": rng.integers(1, n_items, (batch, max_len)),
+        "event_types": rng.integers(1, 4, (batch, max_len)),
+        "session_pos": np.sort(rng.integers(0, 8, (batch, max_len)), axis=1)[:, ::-1],
+        "time_gaps": rng.integers(1, 13, (batch, max_len)),
+    }
+    return {n: np.ascontiguousarray(np.where(valid, v, PAD), dtype=np.int64) for n, v in x.items()}
+
+
+def export_onnx(serving: ServingModel, path: Path | str, max_len: int, opset: int = OPSET) -> Path:
+    """Trace `serving` (eval mode) to ONNX with a dynamic batch dim; the graph is checked before it is returned."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    serving = serving.eval()
+    n_items = serving.model.item_emb.num_embeddings
+    args = tuple(torch.from_numpy(v) for v in example_inputs(2, max_len, n_items).values())
+    batch = {0: "batch"}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
+        torch.onnx.export(
+            serving,
+            args,
+            str(path),
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={n: batch for n in (*INPUT_NAMES, *OUTPUT_NAMES)},
+            opset_version=opset,
+            dynamo=False,
+        )
+    onnx.checker.check_model(str(path), full_check=True)
+    return path
+
+
+def run_eager(serving: ServingModel, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The PyTorch reference for the ONNX graph (same input dict, same output order)."""
+    with torch.no_grad():
+        return [t.numpy() for t in serving.eval()(*(torch.from_numpy(inputs[n]) for n in INPUT_NAMES))]
+
+
+def verify_onnx(model: nn.Module, onnx_path: Path | str, k: int, filter_seen: bool = True, batch: int = 64) -> float:
+    """Max |onnx - eager| over the float outputs on random histories (with an empty one); raises if far off."""
+    import onnxruntime as ort
+
+    model = model.eval().cpu()
+    x = example_inputs(batch, model.cfg.max_len, model.item_emb.num_embeddings, seed=1)
+    x["item_ids"][0] = PAD  # cold start
+    ref = run_eager(ServingModel(model, k, filter_seen), x)
+    got = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(list(OUTPUT_NAMES), x)
+    err = max(float(np.abs(r - g).max()) for r, g, n in zip(ref, got, OUTPUT_NAMES, strict=True) if n != "top_items")
+    if not np.isfinite(err) or err > 1e-3:
+        raise RuntimeError(f"ONNX output differs from eager by {err}")
+    return err
+
+
+class CheckpointLike(Protocol):
+    """What `models.train.load_checkpoint` returns (only these attributes are used)."""
+
+    model: nn.Module
+    encoder_config: EncoderConfig
+    vocab: Vocabulary
+    categories: list[str]
+    metadata: dict[str, Any]
+
+
+@dataclass
+class ExportResult:
+    production: Path  # DIR (the repository; the model is DIR/interest_transformer)
+    twin: Path
+    onnx_path: Path
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def twin_dir_for(out: Path | str) -> Path:
+    """The default twin repository: a sibling `<DIR>-twin`."""
+    out = Path(out)
+    return out.with_name(out.name + "-twin")
+
+
+def export_repository(
+    ckpt: CheckpointLike,
+    out: Path | str,
+    twin: Path | str | None = None,
+    *,
+    k: int = 20,
+    filter_seen: bool = True,
+    max_batch_size: int = 1024,
+    preferred_batch_sizes: tuple[int, ...] = (128, 512, 1024),
+    max_queue_delay_us: int = 2000,
+    twin_threads: int = 0,
+) -> ExportResult:
+    """Write the production repository at `out` and the CPU twin at `twin` (default `<out>-twin`); replaces both."""
+    out, twin = Path(out), Path(twin) if twin else twin_dir_for(out)
+    model = ckpt.model.eval().cpu()
+    spec = ServingSpec(
+        max_len=ckpt.encoder_config.max_len,
+        d_model=model.item_emb.embedding_dim,
+        k=min(k, model.item_emb.num_embeddings - 2),
+        n_categories=len(ckpt.categories),
+        max_batch_size=max_batch_size,
+        preferred_batch_sizes=tuple(b for b in preferred_batch_sizes if b <= max_batch_size),
+        max_queue_delay_us=max_queue_delay_us,
+    )
+    if spec.n_categories != model.category_head.out_features or spec.n_categories == 0:
+        raise ValueError(f"{len(ckpt.categories)} category names for a head of {model.category_head.out_features}")
+    prod_model, twin_model = out / spec.name, twin / spec.name
+    for d in (prod_model, twin_model):
+        shutil.rmtree(d, ignore_errors=True)
+        (d / "1").mkdir(parents=True)
+    onnx_path = export_onnx(ServingModel(model, spec.k, filter_seen), prod_model / "1" / "model.onnx", spec.max_len)
+    shutil.copy2(onnx_path, twin_model / "1" / "model.onnx")
+    (twin_model / "1" / "model.py").write_text(resources.files("models").joinpath("triton_twin.py").read_text())
+
+    meta = _metadata(ckpt, spec, onnx_path, filter_seen)
+    for d, kind in ((prod_model, "production"), (twin_model, "twin")):
+        config = spec.config(kind, twin_threads)  # type: ignore[arg-type]
+        (d / "config.pbtxt").write_text(text_format.MessageToString(config))
+        ckpt.vocab.save(d / "vocab.json")
+        (d / "categories.json").write_text(json.dumps(list(ckpt.categories)))
+        (d / "metadata.json").write_text(json.dumps({**meta, "repository": kind}, indent=2, default=str))
+    return ExportResult(out, twin, onnx_path, meta)
+
+
+def _metadata(ckpt: CheckpointLike, spec: ServingSpec, onnx_path: Path, filter_seen: bool) -> dict[str, Any]:
+    md = dict(ckpt.metadata or {})
+    sha = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    model_cfg = getattr(ckpt, "model_config", None)
+    return {
+        "model_name": spec.name,
+        "model_version": md.get("model_version") or md.get("version") or sha[:12],
+        "data_hash": md.get("data_hash"),
+        "eval_metrics": md.get("eval_metrics") or md.get("metrics") or md.get("eval"),
+        "onnx_sha256": sha,
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "exporter": f"torch.onnx legacy (TorchScript), opset {OPSET}, torch {torch.__version__}",
+        "inputs": [{"name": n, "datatype": t, "dims": d} for n, t, d in spec.inputs()],
+        "outputs": [{"name": n, "datatype": t, "dims": d} for n, t, d in spec.outputs()],
+        "top_k": spec.k,
+        "filter_seen": filter_seen,
+        "top_scores": "item logits (scaled dot products)",
+        "category_scores": "independent probabilities (sigmoid)",
+        "max_batch_size": spec.max_batch_size,
+        "encoder_config": ckpt.encoder_config.to_dict(),
+        "model_config": model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else None,
+        "n_items": len(ckpt.vocab),
+        "checkpoint_metadata": md,
+    }
+
+
+def read_config(path: Path | str) -> mc.ModelConfig:
+    """Parse a config.pbtxt (tests compare the production and twin configs with it)."""
+    return text_format.Parse(Path(path).read_text(), mc.ModelConfig())

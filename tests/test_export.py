@@ -1,0 +1,112 @@
+"""ONNX export: the graph equals PyTorch eager, and both Triton repositories declare the same model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from models.encoding import INPUT_NAMES, OOV, PAD
+from models.export import OUTPUT_NAMES, ServingModel, read_config, run_eager
+from tests.fixtures.triton import TINY_ITEMS
+
+TOL = 1e-5
+
+
+def every_length(max_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Row n holds a random left-padded history of length n, for n = 0 (empty) .. max_len."""
+    rng = np.random.default_rng(seed)
+    rows = max_len + 1
+    x = {n: np.zeros((rows, max_len), dtype=np.int64) for n in INPUT_NAMES}
+    for n in range(1, rows):
+        cuts = np.sort(rng.choice(np.arange(1, n + 1), size=min(n, rng.integers(1, 6)), replace=False))
+        x["item_ids"][n, -n:] = rng.integers(OOV, TINY_ITEMS, n)  # OOV included
+        x["event_types"][n, -n:] = rng.integers(1, 6, n)
+        x["session_pos"][n, -n:] = np.minimum((np.arange(n)[:, None] < cuts[None, :]).sum(1), 63)
+        x["time_gaps"][n, -n:] = np.r_[1, rng.integers(2, 13, n - 1)]
+    return x
+
+
+@pytest.fixture(scope="module")
+def session(tiny_export) -> ort.InferenceSession:
+    return ort.InferenceSession(str(tiny_export.onnx_path), providers=["CPUExecutionProvider"])
+
+
+def test_onnx_equals_eager_for_every_length_and_empty(tiny_checkpoint, tiny_export, session) -> None:
+    k = tiny_export.metadata["top_k"]
+    x = every_length(tiny_checkpoint.encoder_config.max_len)
+    serving = ServingModel(tiny_checkpoint.model, k, filter_seen=True)
+    ref = dict(zip(OUTPUT_NAMES, run_eager(serving, x), strict=True))
+    got = dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), x), strict=True))
+
+    for name in ("interest", "category_scores", "top_scores"):
+        assert got[name].dtype == np.float32 and np.isfinite(got[name]).all(), name
+        np.testing.assert_allclose(got[name], ref[name], rtol=0, atol=TOL, err_msg=name)
+    # Top-k: equal indices, up to order among scores tied within TOL (ranked by eager's own scores).
+    full = serving.model.item_scores(serving.model(*(__import__("torch").from_numpy(x[n]) for n in INPUT_NAMES)))
+    full = full.detach().numpy()
+    np.testing.assert_allclose(np.take_along_axis(full, got["top_items"], 1), got["top_scores"], atol=TOL)
+    same = (got["top_items"] == ref["top_items"]).all(1)
+    assert same.mean() > 0.95, f"top_items differ beyond ties in {np.flatnonzero(~same)}"
+
+    items = got["top_items"]
+    assert got["top_items"].dtype == np.int64 and items.shape == (len(x["item_ids"]), k)
+    assert not np.isin(items, [PAD, OOV]).any()
+    for row in range(len(items)):  # filter_seen: fewer than 300 - 200 items are ever seen, so none come back
+        assert not np.isin(items[row], x["item_ids"][row]).any()
+    assert (np.diff(got["top_scores"], axis=1) <= TOL).all(), "scores are sorted best first"
+    np.testing.assert_allclose(np.linalg.norm(got["interest"], axis=1), 1.0, atol=1e-5)
+    # The empty history is the model's cold vector, the same for any padding content.
+    cold = serving.model.cold_interest().detach().numpy()
+    np.testing.assert_allclose(got["interest"][0], cold, atol=TOL)
+
+
+def test_onnx_batch_dim_is_dynamic(tiny_checkpoint, session) -> None:
+    x = every_length(tiny_checkpoint.encoder_config.max_len, seed=1)
+    full = session.run(["interest"], x)[0]
+    for rows in (slice(0, 1), slice(5, 8), slice(100, 164)):
+        part = session.run(["interest"], {n: v[rows] for n, v in x.items()})[0]
+        np.testing.assert_allclose(part, full[rows], atol=TOL)
+
+
+def test_production_and_twin_configs_declare_the_same_model(tiny_export) -> None:
+    prod = read_config(tiny_export.production / "interest_transformer" / "config.pbtxt")
+    twin = read_config(tiny_export.twin / "interest_transformer" / "config.pbtxt")
+    for field in ("name", "input", "output", "max_batch_size", "dynamic_batching"):
+        assert getattr(prod, field) == getattr(twin, field), field
+    assert prod.name == "interest_transformer" and prod.max_batch_size == 1024
+    assert prod.platform == "onnxruntime_onnx" and not prod.backend
+    assert [g.kind for g in prod.instance_group] == [prod.instance_group[0].KIND_GPU]
+    assert twin.backend == "python" and [g.kind for g in twin.instance_group] == [twin.instance_group[0].KIND_CPU]
+    assert list(prod.dynamic_batching.preferred_batch_size) and prod.dynamic_batching.max_queue_delay_microseconds > 0
+    assert [i.name for i in prod.input] == list(INPUT_NAMES) and [o.name for o in prod.output] == list(OUTPUT_NAMES)
+
+
+def test_config_dims_match_the_onnx_graph(tiny_export, session) -> None:
+    prod = read_config(tiny_export.production / "interest_transformer" / "config.pbtxt")
+    declared = {t.name: list(t.dims) for t in (*prod.input, *prod.output)}
+    for t in (*session.get_inputs(), *session.get_outputs()):
+        assert isinstance(t.shape[0], str), f"{t.name}: batch dim must be dynamic"
+        assert t.shape[1:] == declared[t.name], t.name
+
+
+def test_repositories_carry_vocab_categories_and_metadata(tiny_checkpoint, tiny_export) -> None:
+    for repo in (tiny_export.production, tiny_export.twin):
+        model_dir = repo / "interest_transformer"
+        assert (model_dir / "1" / "model.onnx").read_bytes() == tiny_export.onnx_path.read_bytes()
+        assert json.loads((model_dir / "vocab.json").read_text())["items"] == tiny_checkpoint.vocab.items
+        assert json.loads((model_dir / "categories.json").read_text()) == tiny_checkpoint.categories
+        meta = json.loads((model_dir / "metadata.json").read_text())
+        assert meta["model_version"] == "tiny-test" and meta["data_hash"] == "none"
+        assert meta["eval_metrics"] == {"ndcg10": 0.0}
+        assert [i["name"] for i in meta["inputs"]] == list(INPUT_NAMES)
+        assert [o["dims"] for o in meta["outputs"]] == [[16], [20], [20], [5]]
+    assert (tiny_export.twin / "interest_transformer" / "1" / "model.py").exists()
+    assert not (tiny_export.production / "interest_transformer" / "1" / "model.py").exists()
+
+
+def test_k_beyond_the_catalogue_is_refused(tiny_checkpoint) -> None:
+    with pytest.raises(ValueError, match="k="):
+        ServingModel(tiny_checkpoint.model, k=TINY_ITEMS - 1)
