@@ -1,8 +1,8 @@
 """Publish a data set to the events topic, keyed by user, at a given rate or at full speed.
 
-The producer is what a well-behaved upstream service would run: key = `user_id` (so the default partitioner
-sends all of a user's events to one partition, in order), `acks=all`, batches filled for `linger_ms`, no
-compression unless asked. Malformed messages are published byte for byte, like a broken producer would.
+The producer is what a well-behaved upstream service would run: key = `user_id` (partitioned with the
+default murmur2 partitioner, so all of a user's events go to one partition, in order), `acks=all`, batched,
+no compression unless asked. Malformed messages are published byte for byte, like a broken producer would.
 The pacing is a token bucket on the monotonic clock: it sleeps whenever it is ahead of schedule (never
 spins), and after a stall it catches up with at most one second's burst.
 """
@@ -15,9 +15,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from aiokafka.partitioner import murmur2
+
 from stream.synthetic import Messages, generate, mix_malformed
 
 if TYPE_CHECKING:
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.producer.message_accumulator import BatchBuilder
+
     from stream.settings import Settings
 
 Source = Literal["movielens", "otto", "synthetic"]
@@ -94,6 +99,48 @@ class TokenBucket:
         return -self.tokens / self.rate if self.tokens < 0 else 0.0
 
 
+class KeyedBatches:
+    """Record batches per partition, partitioned like Kafka's default partitioner (murmur2 of the key).
+
+    Building batches ourselves instead of one `send()` per message is ~3x faster in aiokafka, and choosing
+    the partition with the same murmur2 hash as the Java client (and Faust) keeps every key where a
+    consumer expects it. Batches of one partition are delivered in order, so each user's order holds.
+    """
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str, partitions: Sequence[int]) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.partitions = sorted(partitions)
+        self.open: dict[int, BatchBuilder] = {}
+        self.sent: list[asyncio.Future] = []
+
+    def partition(self, key: bytes) -> int:
+        return self.partitions[(murmur2(key) & 0x7FFFFFFF) % len(self.partitions)]
+
+    async def add(self, key: bytes, value: bytes) -> None:
+        if key is None:
+            raise ValueError("replayed messages must have a key (the user id)")
+        p = self.partition(key)
+        batch = self.open.get(p)
+        if batch is None:
+            batch = self.open[p] = self.producer.create_batch()
+        if batch.append(key=key, value=value, timestamp=None) is None:  # full: ship it, start another
+            self.sent.append(await self.producer.send_batch(batch, self.topic, partition=p))
+            batch = self.open[p] = self.producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                raise ValueError(f"a message of {len(value)} bytes does not fit in an empty batch")
+
+    async def ship(self) -> None:
+        """Send every open batch now (each pacing step ends with this, so nothing lingers)."""
+        for p, batch in self.open.items():
+            self.sent.append(await self.producer.send_batch(batch, self.topic, partition=p))
+        self.open.clear()
+
+    async def acked(self) -> None:
+        await asyncio.gather(*self.sent)
+        self.sent.clear()
+
+
 async def publish(
     settings: Settings,
     messages: Messages | Sequence[tuple[bytes, bytes]],
@@ -101,44 +148,41 @@ async def publish(
     topic: str | None = None,
     rate: float | None = None,
     progress: bool = True,
-    linger_ms: int = 20,
     max_batch_bytes: int = 512 * 1024,
     compression: str | None = None,
-    chunk: int = 500,
+    chunk: int = 5_000,
 ) -> ReplayResult:
-    """Publish `(key, value)` messages in order; `rate` in messages/s (None: full speed). Waits for every ack."""
+    """Publish `(key, value)` messages in order to an existing topic; `rate` in messages/s (None: full speed).
+
+    Messages go out in steps of `chunk` (at a rate: at most ~50 ms worth); returns once every one is acked.
+    """
     from aiokafka import AIOKafkaProducer
 
     records = messages.records if isinstance(messages, Messages) else list(messages)
     malformed = messages.malformed if isinstance(messages, Messages) else 0
     topic = topic or settings.topic_events
-    chunk = max(1, min(chunk, int(rate / 20) or 1)) if rate else chunk  # pace in steps of ~50 ms at most
+    chunk = max(1, min(chunk, int(rate / 20) or 1)) if rate else chunk
     bucket = TokenBucket(rate) if rate else None
     producer = AIOKafkaProducer(
-        **settings.kafka_client_kwargs(),
-        acks="all",
-        linger_ms=linger_ms,
-        max_batch_size=max_batch_bytes,
-        compression_type=compression,
+        **settings.kafka_client_kwargs(), acks="all", max_batch_size=max_batch_bytes, compression_type=compression
     )
     await producer.start()
     bar = _progress(len(records), topic, rate) if progress else None
     start = time.monotonic()
     try:
-        pending: list[asyncio.Future] = []
+        batches = KeyedBatches(producer, topic, await producer.partitions_for(topic))
         for i in range(0, len(records), chunk):
             part = records[i : i + chunk]
             if bucket is not None and (wait := bucket.delay(len(part))) > 0:
                 await asyncio.sleep(wait)
             for key, value in part:
-                pending.append(await producer.send(topic, value=value, key=key))
-            if len(pending) >= 20_000:  # bound memory; acks of earlier batches have mostly arrived
-                await asyncio.gather(*pending)
-                pending.clear()
+                await batches.add(key, value)
+            await batches.ship()
+            if len(batches.sent) >= 1_000:  # bound what is in flight
+                await batches.acked()
             if bar is not None:
                 bar[0].update(bar[1], advance=len(part))
-        await producer.flush()
-        await asyncio.gather(*pending)
+        await batches.acked()
     finally:
         await producer.stop()
         if bar is not None:
@@ -171,10 +215,17 @@ def replay(
     rate: float | None = None,
     topic: str | None = None,
     progress: bool = True,
+    ensure: bool = True,
 ) -> ReplayResult:
-    """Load a source and publish it (sync entry point for the CLI, scripts and fixtures)."""
-    from stream.local.broker import run_sync
+    """Load a source and publish it (sync entry point for the CLI, scripts and fixtures).
 
+    With `ensure`, the target topic (default: input, DLQ and output) is first created if missing, with
+    `settings.topic_partitions` partitions; a wrong existing count is an error.
+    """
+    from stream.local.broker import ensure_topics, run_sync
+
+    if ensure:  # never let a broker auto-create it with 1 partition
+        ensure_topics(settings, {topic: settings.topic_partitions} if topic else None)
     messages = load_messages(
         source,
         events=events,

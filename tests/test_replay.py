@@ -67,7 +67,8 @@ def test_ensure_topics_refuses_a_wrong_existing_partition_count(make_settings: C
 
 def test_replay_lands_every_message_in_its_key_partition(settings: Settings) -> None:
     messages = generate(300, 4_000, seed=11, malformed_share=0.02)
-    result = run_sync(publish(settings, messages, progress=False))
+    # small steps: several batches of each partition in flight at once, which must still arrive in order
+    result = run_sync(publish(settings, messages, progress=False, chunk=300))
     assert (result.sent, result.malformed) == (4_000, 80)
 
     records = run_sync(_read_all(settings, settings.topic_events, result.sent))
@@ -111,6 +112,13 @@ def test_replay_movielens_subset_with_malformed(settings: Settings) -> None:
     records = run_sync(_read_all(settings, settings.topic_events, result.sent))
     assert len(records) == result.sent and result.malformed == round(result.sent * 0.1)
     assert len({r.key for r in records if marker_of(r.value) is None}) == 5
+
+
+def test_replay_creates_a_missing_topic_with_the_configured_partitions(settings: Settings) -> None:
+    topic = f"{settings.topic_events}-other"
+    result = replay(settings, "synthetic", events=500, users=50, topic=topic, progress=False)
+    assert result.topic == topic and result.sent == 500
+    assert run_sync(_partition_counts(settings))[topic] == settings.topic_partitions  # not auto-created with 1
 
 
 def test_load_messages_rejects_unknown_source() -> None:
