@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from tritonclient.grpc import model_config_pb2 as mc
 
 from models.encoding import INPUT_NAMES, PAD, EncoderConfig, Vocabulary
+from models.serving_bench import example_inputs
 
 MODEL_NAME = "interest_transformer"
 OUTPUT_NAMES = ("interest", "top_items", "top_scores", "category_scores")
@@ -111,20 +112,6 @@ class ServingSpec:
             c.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
             c.parameters["intra_op_threads"].string_value = str(twin_threads)  # 0: min(4, cores)
         return c
-
-
-def example_inputs(batch: int, max_len: int, n_items: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random left-padded histories of random lengths (valid index ranges), for export, tests and benchmarks."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(0, max_len + 1, batch)
-    valid = np.arange(max_len)[None, :] >= (max_len - lengths)[:, None]
-    x = {
-        "item_ids": rng.integers(1, n_items, (batch, max_len)),
-        "event_types": rng.integers(1, 4, (batch, max_len)),
-        "session_pos": np.sort(rng.integers(0, 8, (batch, max_len)), axis=1)[:, ::-1],
-        "time_gaps": rng.integers(1, 13, (batch, max_len)),
-    }
-    return {n: np.ascontiguousarray(np.where(valid, v, PAD), dtype=np.int64) for n, v in x.items()}
 
 
 def export_onnx(serving: ServingModel, path: Path | str, max_len: int, opset: int = OPSET) -> Path:
@@ -248,9 +235,9 @@ def _metadata(ckpt: CheckpointLike, spec: ServingSpec, onnx_path: Path, filter_s
     model_cfg = getattr(ckpt, "model_config", None)
     return {
         "model_name": spec.name,
-        "model_version": md.get("model_version") or md.get("version") or sha[:12],
+        "model_version": md.get("model_version") or f"{md.get('dataset', 'model')}-{sha[:12]}",
         "data_hash": md.get("data_hash"),
-        "eval_metrics": md.get("eval_metrics") or md.get("metrics") or md.get("eval"),
+        "eval_metrics": md.get("eval_metrics") or md.get("test_metrics") or md.get("metrics"),
         "onnx_sha256": sha,
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "exporter": f"torch.onnx legacy (TorchScript), opset {OPSET}, torch {torch.__version__}",

@@ -110,3 +110,30 @@ def test_repositories_carry_vocab_categories_and_metadata(tiny_checkpoint, tiny_
 def test_k_beyond_the_catalogue_is_refused(tiny_checkpoint) -> None:
     with pytest.raises(ValueError, match="k="):
         ServingModel(tiny_checkpoint.model, k=TINY_ITEMS - 1)
+
+
+def test_export_command_from_a_saved_checkpoint(tiny_checkpoint, tmp_path) -> None:
+    """`interest-stream export --checkpoint DIR --out OUT` on what `train` saves: both repositories, verified."""
+    from typer.testing import CliRunner
+
+    from models.train import Checkpoint, save
+    from stream.cli import app
+
+    ck = tiny_checkpoint
+    meta = {"dataset": "tiny", "data_hash": "abc", "test_metrics": {"ndcg10": 0.1}}
+    save(
+        Checkpoint(ck.model, ck.model_config, ck.encoder_config, ck.vocab, ck.categories, None, meta),
+        tmp_path / "ck",
+        {
+            "loss": [1.0],
+            "val_ndcg10": [0.1],
+        },
+    )
+    out = tmp_path / "repo"
+    result = CliRunner().invoke(app, ["export", "--checkpoint", str(tmp_path / "ck"), "--out", str(out), "--k", "5"])
+    assert result.exit_code == 0, result.output
+    twin = tmp_path / "repo-twin" / "interest_transformer"
+    assert read_config(twin / "config.pbtxt").output[1].dims == [5]
+    meta_out = json.loads((out / "interest_transformer" / "metadata.json").read_text())
+    assert meta_out["data_hash"] == "abc" and meta_out["eval_metrics"] == {"ndcg10": 0.1}
+    assert meta_out["model_version"].startswith("tiny-")

@@ -15,7 +15,8 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 
-from models.export import OUTPUT_NAMES, example_inputs
+from models.export import OUTPUT_NAMES
+from models.serving_bench import example_inputs
 from stream.local.triton import LocalTriton
 from tests.fixtures.triton import TINY_ITEMS
 
@@ -127,3 +128,12 @@ def test_cli_serves_until_sigterm(tiny_export) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serving_bench_returns_numbers(triton_twin, tiny_export) -> None:
+    from models.serving_bench import bench_serving, format_table
+
+    results = bench_serving(tiny_export.twin, (1, 8), seconds=0.2, rounds=1, grpc_url=triton_twin.grpc_url)
+    assert [r.batch for r in results] == [1, 8]
+    assert all(r.onnxruntime_seq_s > 0 and r.triton_seq_s > 0 and r.ratio > 0 for r in results)
+    assert "| 8 |" in format_table(results)

@@ -1,0 +1,147 @@
+"""Throughput of the exported model: in-process onnxruntime vs the twin served by the local tritonserver.
+
+Torch-free, so `interest-stream bench ...` can call `bench_serving` from the worker side. Both sides run the
+same `model.onnx` with the same intra-op thread count, on pre-batched requests, one request in flight (the worker
+sends one batch per partition at a time), so the ratio is Triton's per-request overhead (gRPC, shared memory to
+the python stub, the python backend) at each batch size.
+
+    .venv/bin/python -m models.serving_bench --repo artifacts/model_repository-twin
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.encoding import INPUT_NAMES, PAD
+
+MODEL_NAME = "interest_transformer"
+
+
+def example_inputs(batch: int, max_len: int, n_items: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random left-padded histories of random lengths (valid index ranges), for export, tests and benchmarks."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, max_len + 1, batch)
+    valid = np.arange(max_len)[None, :] >= (max_len - lengths)[:, None]
+    x = {
+        "item_ids": rng.integers(1, n_items, (batch, max_len)),
+        "event_types": rng.integers(1, 4, (batch, max_len)),
+        "session_pos": np.sort(rng.integers(0, 8, (batch, max_len)), axis=1)[:, ::-1],
+        "time_gaps": rng.integers(1, 13, (batch, max_len)),
+    }
+    return {n: np.ascontiguousarray(np.where(valid, v, PAD), dtype=np.int64) for n, v in x.items()}
+
+
+@dataclass(frozen=True)
+class Throughput:
+    batch: int
+    onnxruntime_seq_s: float  # in-process, same model.onnx and thread count
+    triton_seq_s: float  # twin over gRPC, one request in flight
+    triton_ms_per_request: float
+
+    @property
+    def ratio(self) -> float:
+        """How many times slower Triton is than in-process onnxruntime (1.0 = no overhead)."""
+        return self.onnxruntime_seq_s / self.triton_seq_s
+
+
+def _rate(call: Callable[[], object], batch: int, seconds: float, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        call()
+    n, t0 = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < seconds or n < 2:
+        call()
+        n += 1
+    return n * batch / elapsed
+
+
+def bench_serving(
+    twin_repo: Path | str,
+    batch_sizes: Sequence[int] = (1, 32, 256),
+    seconds: float = 3.0,
+    rounds: int = 3,
+    grpc_url: str | None = None,
+    intra_op_threads: int | None = None,
+) -> list[Throughput]:
+    """Sequences/s per batch size, best of `rounds` alternating rounds (`seconds` per side in all).
+
+    Starts (and stops) a LocalTriton on `twin_repo` unless `grpc_url` points at a running server.
+    """
+    import onnxruntime as ort
+    import tritonclient.grpc as grpcclient
+
+    from stream.local.triton import LocalTriton
+
+    model_dir = Path(twin_repo) / MODEL_NAME
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    max_len, n_items = meta["encoder_config"]["max_len"], meta["n_items"]
+    outputs = [o["name"] for o in meta["outputs"]]
+    threads = intra_op_threads or _twin_threads(model_dir)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+
+    server = None if grpc_url else LocalTriton(twin_repo).start()
+    try:
+        client = grpcclient.InferenceServerClient(grpc_url or server.grpc_url)  # type: ignore[union-attr]
+        results = []
+        for batch in batch_sizes:
+            x = example_inputs(batch, max_len, n_items, seed=batch)
+            inputs = []
+            for name in INPUT_NAMES:
+                t = grpcclient.InferInput(name, list(x[name].shape), "INT64")
+                t.set_data_from_numpy(x[name])
+                inputs.append(t)
+            requested = [grpcclient.InferRequestedOutput(n) for n in outputs]
+            local, served = 0.0, 0.0
+            for _ in range(rounds):  # alternate, keep the best: other jobs on the machine only ever slow a round
+                local = max(local, _rate(lambda x=x: session.run(outputs, x), batch, seconds / rounds))
+                call = lambda i=inputs, r=requested: client.infer(MODEL_NAME, i, outputs=r)  # noqa: E731
+                served = max(served, _rate(call, batch, seconds / rounds))
+            results.append(Throughput(batch, local, served, 1000 * batch / served))
+        return results
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _twin_threads(model_dir: Path) -> int:
+    """The twin's own rule (models/triton_twin.py): the config parameter, 0 = min(4, cores)."""
+    text = (model_dir / "config.pbtxt").read_text()
+    key = text.find('key: "intra_op_threads"')
+    value = text[key:].split('string_value: "', 1)[1].split('"', 1)[0] if key >= 0 else "0"
+    return int(value) or min(4, os.cpu_count() or 1)
+
+
+def format_table(results: Sequence[Throughput]) -> str:
+    rows = ["| batch | onnxruntime in-process (seq/s) | Triton twin over gRPC (seq/s) | ms/request | slowdown |"]
+    rows.append("|---:|---:|---:|---:|---:|")
+    for r in results:
+        rows.append(
+            f"| {r.batch} | {r.onnxruntime_seq_s:,.0f} | {r.triton_seq_s:,.0f} | {r.triton_ms_per_request:.1f} "
+            f"| {r.ratio:.2f}x |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repo", type=Path, default=Path("artifacts/model_repository-twin"))
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32, 256])
+    parser.add_argument("--seconds", type=float, default=6.0, help="per side and batch size, over all rounds")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    args = parser.parse_args()
+    results = bench_serving(args.repo, args.batch, args.seconds, args.rounds)
+    print(json.dumps([asdict(r) | {"ratio": r.ratio} for r in results]) if args.json else format_table(results))
+
+
+if __name__ == "__main__":
+    main()
