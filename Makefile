@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test lint bench-ingest
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
 	touch $(STAMP)
 

@@ -84,6 +84,7 @@ def worker_series_names() -> set[str]:
 
 _GROUPING = {"by", "without", "on", "ignoring", "group_left", "group_right"}
 _KEYWORDS = _GROUPING | {"bool", "and", "or", "unless", "offset", "inf", "nan", "atan2"}
+_STRINGS = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|`[^`]*`')
 _IDENT = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
 #: Grafana's interval variables, replaced by a duration before parsing.
 GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
@@ -123,7 +124,7 @@ def promql_metric_names(expr: str) -> set[str]:
     """
     for var, value in GRAFANA_VARIABLES.items():
         expr = expr.replace(var, value)
-    if "$" in expr:
+    if "$" in _STRINGS.sub("", expr):
         raise ValueError(f"unknown variable in {expr!r}")
     names: set[str] = set()
     i = 0
@@ -146,8 +147,8 @@ def promql_metric_names(expr: str) -> set[str]:
             if word.lower() in _GROUPING:
                 if rest.startswith("("):
                     i = _skip_to(expr, len(expr) - len(rest), ")")
-            elif word.lower() in _KEYWORDS or rest.startswith("("):
-                continue
+            elif word.lower() in _KEYWORDS or rest.startswith("(") or re.match(r"(?i)(by|without)\b", rest):
+                continue  # a keyword, a function, or an aggregation written `sum by (x) (...)`
             else:
                 names.add(word)
         else:
@@ -230,7 +231,9 @@ def kustomize_build(directory: Path) -> list[dict[str, Any]]:
                 if d["kind"] == patch["kind"] and d["metadata"]["name"] == patch["metadata"]["name"]
             ]
             if len(targets) != 1:
-                raise ValueError(f"{directory}: patch {patch['kind']}/{patch['metadata']['name']} matches {len(targets)}")
+                raise ValueError(
+                    f"{directory}: patch {patch['kind']}/{patch['metadata']['name']} matches {len(targets)}"
+                )
             docs[targets[0]] = strategic_merge(docs[targets[0]], patch)
     for image in kust.get("images", []):
         for doc in docs:
@@ -240,7 +243,9 @@ def kustomize_build(directory: Path) -> list[dict[str, Any]]:
                 if name == image["name"]:
                     container["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag or 'latest')}"
     for rep in kust.get("replicas", []):
-        matched = [d for d in docs if d["metadata"]["name"] == rep["name"] and d["kind"] in {"Deployment", "StatefulSet"}]
+        matched = [
+            d for d in docs if d["metadata"]["name"] == rep["name"] and d["kind"] in {"Deployment", "StatefulSet"}
+        ]
         if not matched:
             raise ValueError(f"{directory}: replicas entry {rep['name']} matches nothing")
         for doc in matched:
@@ -312,7 +317,10 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                 "topicName": {"type": "string", "pattern": r"^[a-zA-Z0-9._-]{1,249}$"},
                 "partitions": {"type": "integer", "minimum": 1},
                 "replicas": {"type": "integer", "minimum": 1, "maximum": 32767},
-                "config": {"type": "object", "additionalProperties": {"type": ["string", "integer", "number", "boolean"]}},
+                "config": {
+                    "type": "object",
+                    "additionalProperties": {"type": ["string", "integer", "number", "boolean"]},
+                },
             },
             "additionalProperties": False,
         },
