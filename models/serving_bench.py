@@ -45,21 +45,55 @@ class Throughput:
     onnxruntime_seq_s: float  # in-process, same model.onnx and thread count
     triton_seq_s: float  # twin over gRPC, one request in flight
     triton_ms_per_request: float
+    # CPU time per sequence (all processes involved: the client, and tritonserver with its python stub). Less
+    # sensitive than wall time to other jobs sharing the cores; None when the server is not ours to inspect.
+    onnxruntime_cpu_us_per_seq: float
+    triton_cpu_us_per_seq: float | None
 
     @property
     def ratio(self) -> float:
         """How many times slower Triton is than in-process onnxruntime (1.0 = no overhead)."""
         return self.onnxruntime_seq_s / self.triton_seq_s
 
+    @property
+    def cpu_ratio(self) -> float | None:
+        return self.triton_cpu_us_per_seq / self.onnxruntime_cpu_us_per_seq if self.triton_cpu_us_per_seq else None
 
-def _rate(call: Callable[[], object], batch: int, seconds: float, warmup: int = 2) -> float:
-    for _ in range(warmup):
+
+def _measure(call: Callable[[], object], batch: int, seconds: float, cpu: Callable[[], float]) -> tuple[float, float]:
+    """(sequences/s, CPU microseconds per sequence) of calling `call` for about `seconds`."""
+    for _ in range(2):
         call()
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), cpu()
     while (elapsed := time.perf_counter() - t0) < seconds or n < 2:
         call()
         n += 1
-    return n * batch / elapsed
+    return n * batch / elapsed, 1e6 * (cpu() - c0) / (n * batch)
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of `pid` and its descendants (Linux /proc), e.g. tritonserver and its stubs."""
+    tick, total, todo = os.sysconf("SC_CLK_TCK"), 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def ort_session(onnx_path: Path | str, threads: int):
+    """The session the twin builds (models/triton_twin.py), so in-process numbers compare like with like."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
 
 
 def bench_serving(
@@ -74,7 +108,6 @@ def bench_serving(
 
     Starts (and stops) a LocalTriton on `twin_repo` unless `grpc_url` points at a running server.
     """
-    import onnxruntime as ort
     import tritonclient.grpc as grpcclient
 
     from stream.local.triton import LocalTriton
@@ -83,12 +116,11 @@ def bench_serving(
     meta = json.loads((model_dir / "metadata.json").read_text())
     max_len, n_items = meta["encoder_config"]["max_len"], meta["n_items"]
     outputs = [o["name"] for o in meta["outputs"]]
-    threads = intra_op_threads or _twin_threads(model_dir)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    session = ort_session(model_dir / "1" / "model.onnx", intra_op_threads or _twin_threads(model_dir))
 
     server = None if grpc_url else LocalTriton(twin_repo).start()
+    pid = server.pid if server else None
+    server_cpu = (lambda: time.process_time() + process_tree_cpu_s(pid)) if pid else time.process_time  # type: ignore[arg-type]
     try:
         client = grpcclient.InferenceServerClient(grpc_url or server.grpc_url)  # type: ignore[union-attr]
         results = []
@@ -100,12 +132,16 @@ def bench_serving(
                 t.set_data_from_numpy(x[name])
                 inputs.append(t)
             requested = [grpcclient.InferRequestedOutput(n) for n in outputs]
-            local, served = 0.0, 0.0
+            local, served, local_cpu, served_cpu = 0.0, 0.0, float("inf"), float("inf")
             for _ in range(rounds):  # alternate, keep the best: other jobs on the machine only ever slow a round
-                local = max(local, _rate(lambda x=x: session.run(outputs, x), batch, seconds / rounds))
+                rate, cpu = _measure(lambda x=x: session.run(outputs, x), batch, seconds / rounds, time.process_time)
+                local, local_cpu = max(local, rate), min(local_cpu, cpu)
                 call = lambda i=inputs, r=requested: client.infer(MODEL_NAME, i, outputs=r)  # noqa: E731
-                served = max(served, _rate(call, batch, seconds / rounds))
-            results.append(Throughput(batch, local, served, 1000 * batch / served))
+                rate, cpu = _measure(call, batch, seconds / rounds, server_cpu)
+                served, served_cpu = max(served, rate), min(served_cpu, cpu)
+            results.append(
+                Throughput(batch, local, served, 1000 * batch / served, local_cpu, served_cpu if pid else None)
+            )
         return results
     finally:
         if server is not None:
@@ -121,12 +157,17 @@ def _twin_threads(model_dir: Path) -> int:
 
 
 def format_table(results: Sequence[Throughput]) -> str:
-    rows = ["| batch | onnxruntime in-process (seq/s) | Triton twin over gRPC (seq/s) | ms/request | slowdown |"]
-    rows.append("|---:|---:|---:|---:|---:|")
+    rows = [
+        "| batch | onnxruntime in-process (seq/s) | Triton twin over gRPC (seq/s) | wall slowdown "
+        "| CPU µs/seq in-process | CPU µs/seq Triton (client+server) | CPU ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
+        served_cpu = f"{r.triton_cpu_us_per_seq:,.0f}" if r.triton_cpu_us_per_seq else "-"
+        cpu_ratio = f"{r.cpu_ratio:.2f}x" if r.cpu_ratio else "-"
         rows.append(
-            f"| {r.batch} | {r.onnxruntime_seq_s:,.0f} | {r.triton_seq_s:,.0f} | {r.triton_ms_per_request:.1f} "
-            f"| {r.ratio:.2f}x |"
+            f"| {r.batch} | {r.onnxruntime_seq_s:,.0f} | {r.triton_seq_s:,.0f} | {r.ratio:.2f}x "
+            f"| {r.onnxruntime_cpu_us_per_seq:,.0f} | {served_cpu} | {cpu_ratio} |"
         )
     return "\n".join(rows)
 
@@ -140,7 +181,11 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     args = parser.parse_args()
     results = bench_serving(args.repo, args.batch, args.seconds, args.rounds)
-    print(json.dumps([asdict(r) | {"ratio": r.ratio} for r in results]) if args.json else format_table(results))
+    print(
+        json.dumps([asdict(r) | {"ratio": r.ratio, "cpu_ratio": r.cpu_ratio} for r in results])
+        if args.json
+        else format_table(results)
+    )
 
 
 if __name__ == "__main__":
