@@ -40,8 +40,7 @@ def export_command(
         twin_threads=twin_threads,
     )
     err = verify_onnx(ckpt.model, result.onnx_path, k=result.metadata["top_k"], filter_seen=filter_seen)
-    typer.echo(
-        f"model.onnx: {result.onnx_path} (max |onnx - eager| {err:.2e}, version {result.metadata['model_version']})"
-    )
+    diffs = ", ".join(f"{name} {e:.1e}" for name, e in err.items())
+    typer.echo(f"model.onnx: {result.onnx_path} (version {result.metadata['model_version']}; onnx vs eager: {diffs})")
     typer.echo(f"production repository: {result.production}")
     typer.echo(f"CPU twin repository:   {result.twin}   (interest-stream triton --repo {result.twin})")

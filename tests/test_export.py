@@ -132,6 +132,7 @@ def test_export_command_from_a_saved_checkpoint(tiny_checkpoint, tmp_path) -> No
     out = tmp_path / "repo"
     result = CliRunner().invoke(app, ["export", "--checkpoint", str(tmp_path / "ck"), "--out", str(out), "--k", "5"])
     assert result.exit_code == 0, result.output
+    assert "onnx vs eager: interest" in result.output
     twin = tmp_path / "repo-twin" / "interest_transformer"
     assert read_config(twin / "config.pbtxt").output[1].dims == [5]
     meta_out = json.loads((out / "interest_transformer" / "metadata.json").read_text())
