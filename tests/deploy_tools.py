@@ -19,8 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------------------------------------------
 # Metric names that exist without being declared in stream/metrics.py.
 
-#: Triton's own metrics (metrics port 8002), as documented for Triton 2.51 (NGC 24.10): "Metrics" in the
-#: Triton user guide. Only names listed here may appear in the dashboard and the rules.
+#: Triton's own metrics (metrics port 8002) for Triton 2.51 (NGC 24.10). The nv_inference_*, nv_cpu_* and
+#: nv_pinned_* names were read off the local tritonserver 2.51 (nvidia-pytriton) serving a python-backend
+#: model; nv_gpu_* / nv_energy_* need a GPU and come from the "Metrics" page of the Triton user guide.
+#: Only names listed here may appear in the dashboard and the rules.
 TRITON_METRICS = frozenset(
     {
         "nv_inference_request_success",
@@ -42,6 +44,8 @@ TRITON_METRICS = frozenset(
         "nv_cpu_utilization",
         "nv_cpu_memory_total_bytes",
         "nv_cpu_memory_used_bytes",
+        "nv_pinned_memory_pool_total_bytes",
+        "nv_pinned_memory_pool_used_bytes",
     }
 )
 
