@@ -43,7 +43,7 @@ def create_app(settings: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         web_host=settings.worker_web_host,
-        web_port=settings.worker_web_port,
+        web_port=settings.worker_web_port or 6066,  # Faust validates the port even when the server is off
         web_enabled=settings.worker_web_port != 0,
         stream_buffer_maxsize=max(4096, 2 * settings.worker_batch_max),
     )
