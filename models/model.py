@@ -127,9 +127,13 @@ class InterestTransformer(nn.Module):
         self.cold = nn.Parameter(torch.randn(d) * 0.02)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.category_head = nn.Linear(d, cfg.n_categories)
-        nn.init.normal_(self.item_emb.weight, std=d**-0.5)
+        nn.init.normal_(self.item_emb.weight, std=d**-0.5)  # unit-norm rows: logits start at +-scale
+        for emb in (self.type_emb, self.gap_emb, self.pos_emb):
+            nn.init.normal_(emb.weight, std=0.02)  # small next to the items (default N(0, 1) drowns them)
         with torch.no_grad():
             self.item_emb.weight[PAD].zero_()
+            self.type_emb.weight[0].zero_()
+            self.gap_emb.weight[0].zero_()
         mask = torch.zeros(cfg.n_items)
         mask[[PAD, OOV]] = float("-inf")
         self.register_buffer("item_mask", mask, persistent=False)
@@ -170,12 +174,12 @@ class InterestTransformer(nn.Module):
         empty = (item_ids[:, -1] == PAD).unsqueeze(-1)
         return torch.where(empty, self.cold_interest().expand_as(h), h)
 
-    def item_logits(self, interest: Tensor, items: Tensor | None = None) -> Tensor:
-        """Scaled dot products with (tied) item embeddings; all items, or the given item indices."""
-        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
-        if items is None:
-            return scale * interest @ self.item_emb.weight.T
-        return scale * (interest.unsqueeze(-2) * self.item_emb(items)).sum(-1)
+    def scale(self) -> Tensor:
+        return self.logit_scale.clamp(max=math.log(100.0)).exp()
+
+    def item_logits(self, interest: Tensor) -> Tensor:
+        """Scaled dot products with the (tied) item embeddings, all items."""
+        return self.scale() * interest @ self.item_emb.weight.T
 
     def item_scores(self, interest: Tensor) -> Tensor:
         """[B, n_items] next-item logits; PAD and OOV are -inf."""

@@ -1,0 +1,263 @@
+"""Training: every position predicts the next item (sampled softmax, uniform shared negatives) plus the next
+item's genres (multi-label BCE, small weight); the first event of each window is predicted by the cold vector.
+Early stopping on validation NDCG@10 (full ranking), best weights kept; CUDA when present.
+
+    interest-stream train --out artifacts/model
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.data import Dataset, Split, load, prefix, split
+from models.encoding import PAD, EncoderConfig, Vocabulary, encode_batch
+from models.model import InterestTransformer, ModelConfig
+from models.ranking import next_item_metrics, next_session_metrics, seen_mask
+from stream.sessions import UserState
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "movielens"
+    seed: int = 0
+    max_len: int = 200
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    dropout: float = 0.2
+    use_session_pos: bool = True
+    use_time_gaps: bool = True
+    use_fusion: bool = True
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    n_negatives: int = 256
+    category_weight: float = 0.1
+    max_epochs: int = 200
+    max_minutes: float = 9.0
+    patience: int = 8  # epochs without a better validation NDCG@10
+    device: str = "auto"
+
+
+@dataclass
+class Checkpoint:
+    model: InterestTransformer  # eval mode
+    model_config: ModelConfig
+    encoder_config: EncoderConfig
+    vocab: Vocabulary
+    categories: list[str]
+    item_categories: torch.Tensor | None
+    metadata: dict = field(default_factory=dict)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def windows(states: list[UserState], max_len: int) -> list[UserState]:
+    """Long histories become several training windows (ending at n, n - max_len, ...)."""
+    out = []
+    for s in states:
+        for end in range(len(s), 1, -max_len):
+            out.append(prefix(s, end))
+    return out
+
+
+def batches(lengths: torch.Tensor, size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Shuffled batches of similar lengths (attention cost grows with the square of the padded width)."""
+    noisy = lengths.float() + torch.rand(len(lengths), generator=gen) * 20
+    chunks = noisy.argsort().split(size)
+    return [chunks[i] for i in torch.randperm(len(chunks), generator=gen).tolist()]
+
+
+def to_tensors(states: list[UserState], vocab: Vocabulary, enc: EncoderConfig, device) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v).to(device) for k, v in encode_batch(states, vocab, enc).items()}
+
+
+@torch.no_grad()
+def score(model: InterestTransformer, states: list[UserState], vocab: Vocabulary, enc: EncoderConfig) -> np.ndarray:
+    """[B, n_items] filtered next-item scores (-inf for seen/PAD/OOV), in batches."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for a in range(0, len(states), 256):
+        x = to_tensors(states[a : a + 256], vocab, enc, device)
+        out.append(model.item_scores(model(**x)).float().cpu().numpy())
+    scores = np.concatenate(out) if out else np.zeros((0, len(vocab)), np.float32)
+    scores[seen_mask(states, vocab)] = -np.inf
+    return scores
+
+
+def evaluate_model(model, ds: Dataset, sp: Split, enc: EncoderConfig) -> dict[str, float]:
+    m = next_item_metrics(score(model, sp.test_inputs, ds.vocab, enc), sp.test_targets, 10)
+    ns = next_session_metrics(score(model, sp.ns_inputs, ds.vocab, enc), sp.ns_targets, 20)
+    return {**m, "ns_recall20": ns["recall20"], "ns_ndcg20": ns["ndcg20"]}
+
+
+def loss_fn(model: InterestTransformer, x: dict[str, torch.Tensor], cfg: TrainConfig, item_cats) -> torch.Tensor:
+    items = x["item_ids"]
+    h = model.sequence_interests(**x)  # h[:, t] has read events <= t and predicts event t + 1
+    cold = model.cold_interest().expand(items.shape[0], 1, -1)
+    prev = torch.cat([cold, h[:, :-1]], 1)
+    first = F.pad(items[:, :-1], (1, 0), value=PAD) == PAD  # the window's first event: predicted by `cold`
+    prev = torch.where(first.unsqueeze(-1), cold, prev)
+    valid = items > 1
+    u, tgt = prev[valid], items[valid]
+    neg = torch.randint(2, model.cfg.n_items, (cfg.n_negatives,), device=items.device)
+    pos_logits = (u * model.item_emb(tgt)).sum(-1, keepdim=True)
+    logits = model.scale() * torch.cat([pos_logits, u @ model.item_emb(neg).T], -1)
+    hit = F.pad(neg.unsqueeze(0) == tgt.unsqueeze(1), (1, 0), value=False)  # accidental hits are not negatives
+    logits = logits.masked_fill(hit, float("-inf"))  # after scaling: 0 * inf would poison the scale's gradient
+    loss = F.cross_entropy(logits, torch.zeros_like(tgt))
+    if cfg.category_weight > 0 and item_cats is not None and item_cats.shape[1] > 0:
+        loss = loss + cfg.category_weight * F.binary_cross_entropy_with_logits(model.category_logits(u), item_cats[tgt])
+    return loss
+
+
+def train(
+    cfg: TrainConfig, ds: Dataset | None = None, sp: Split | None = None, out: Path | None = None, quiet: bool = False
+) -> tuple[Checkpoint, dict]:
+    """Train with early stopping; returns the best checkpoint (eval mode) and its history/metrics."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    seed_all(cfg.seed)
+    device = pick_device(cfg.device)
+    ds = ds or load(cfg.dataset)
+    sp = sp or split(ds)
+    enc = EncoderConfig(max_len=cfg.max_len)
+    flags = {k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads", "dropout")}
+    flags |= {k: getattr(cfg, k) for k in ("use_session_pos", "use_time_gaps", "use_fusion")}
+    mcfg = ModelConfig.for_encoder(enc, len(ds.vocab), n_categories=len(ds.categories), **flags)
+    model = InterestTransformer(mcfg).to(device)
+    item_cats = torch.from_numpy(ds.item_categories).to(device) if ds.item_categories is not None else None
+    data = to_tensors(windows(sp.train, cfg.max_len), ds.vocab, enc, device)
+    n = len(data["item_ids"])
+    lengths = (data["item_ids"] != PAD).sum(1).cpu()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history: dict[str, list[float]] = {"loss": [], "val_ndcg10": [], "seconds": [], "val_seconds": []}
+    best, best_state, bad, t0 = -1.0, None, 0, time.monotonic()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps = math.ceil(n / cfg.batch_size)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+        disable=quiet,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("train", total=cfg.max_epochs * steps, info="")
+        for epoch in range(cfg.max_epochs):
+            model.train()
+            total = 0.0
+            for idx in batches(lengths, cfg.batch_size, gen):
+                width = int(lengths[idx].max())  # left-padded: drop the all-padding columns
+                batch = {k: v[idx.to(device), -width:] for k, v in data.items()}
+                loss = loss_fn(model, batch, cfg, item_cats)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                total += loss.item() * len(idx)
+                bar.advance(task)
+            t_val = time.monotonic()
+            val = next_item_metrics(score(model, sp.val_inputs, ds.vocab, enc), sp.val_targets, 10)["ndcg10"]
+            history["loss"].append(total / n)
+            history["val_ndcg10"].append(val)
+            history["seconds"].append(round(time.monotonic() - t0, 1))
+            history["val_seconds"].append(round(time.monotonic() - t_val, 1))
+            bar.update(
+                task, info=f"epoch {epoch} loss {total / n:.3f} val ndcg@10 {val:.4f} (best {max(best, val):.4f})"
+            )
+            if val > best:
+                best, bad = val, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                bad += 1
+            if bad >= cfg.patience or time.monotonic() - t0 > cfg.max_minutes * 60:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    metrics = evaluate_model(model, ds, sp, enc)
+    meta = {
+        "dataset": ds.name,
+        "data_hash": ds.data_hash,
+        "train_config": asdict(cfg),
+        "epochs": len(history["loss"]),
+        "best_val_ndcg10": best,
+        "train_seconds": round(time.monotonic() - t0, 1),
+        "device": str(device),
+        "test_metrics": metrics,
+        "torch_version": torch.__version__,
+    }
+    ckpt = Checkpoint(model, mcfg, enc, ds.vocab, ds.categories, item_cats, meta)
+    if out is not None:
+        save(ckpt, Path(out), history)
+    return ckpt, history
+
+
+def save(ckpt: Checkpoint, out: Path, history: dict[str, list[float]]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "state_dict": {k: v.cpu() for k, v in ckpt.model.state_dict().items()},
+            "model_config": ckpt.model_config.to_dict(),
+            "encoder_config": ckpt.encoder_config.to_dict(),
+            "vocab": ckpt.vocab.items,
+            "categories": ckpt.categories,
+            "item_categories": None if ckpt.item_categories is None else ckpt.item_categories.cpu(),
+            "metadata": ckpt.metadata,
+        },
+        out / "checkpoint.pt",
+    )
+    ckpt.vocab.save(out / "vocab.json")
+    (out / "categories.json").write_text(json.dumps(ckpt.categories))
+    (out / "metrics.json").write_text(json.dumps({**ckpt.metadata, "history": history}, indent=2))
+    plot_curve(history, out / "train_curve.png")
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
+    """A checkpoint directory (or its checkpoint.pt) -> the model in eval mode with everything to encode inputs."""
+    path = Path(path)
+    blob = torch.load(path / "checkpoint.pt" if path.is_dir() else path, map_location=device, weights_only=True)
+    mcfg = ModelConfig(**blob["model_config"])
+    model = InterestTransformer(mcfg)
+    model.load_state_dict(blob["state_dict"])
+    return Checkpoint(
+        model.to(device).eval(),
+        mcfg,
+        EncoderConfig.from_dict(blob["encoder_config"]),
+        Vocabulary(blob["vocab"]),
+        list(blob["categories"]),
+        blob["item_categories"],
+        blob["metadata"],
+    )
+
+
+def plot_curve(history: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(history["loss"], color="tab:blue", label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("sampled-softmax loss", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(history["val_ndcg10"], color="tab:orange", label="val NDCG@10")
+    ax2.set_ylabel("validation NDCG@10", color="tab:orange")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
