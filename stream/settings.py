@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     state_dir: Path = Path(".local/state")
 
     # --- Triton inference server (gRPC).
-    triton_url: str = "localhost:8001"
+    triton_url: str = ""  # host:port of Triton's gRPC endpoint; empty = ingest only (state, no inference)
     triton_model: str = "interest_transformer"
     triton_model_version: str = ""  # empty: the server's latest ready version
     triton_timeout_s: float = Field(5.0, gt=0)
@@ -67,7 +67,13 @@ class Settings(BaseSettings):
     worker_batch_max: int = Field(1000, ge=1)
     worker_batch_wait_s: float = Field(0.05, gt=0)
     worker_log_level: str = "info"
+    worker_standby_replicas: int = Field(1, ge=0, description="Faust standby copies of each table partition")
     metrics_port: int = Field(9108, ge=0, le=65535)
+
+    # --- Fault injection, for the no-lost-update tests only: SIGKILL the worker at this point of the publish path
+    # once it has published `fault_kill_after_outputs` records.
+    fault_kill_at: Literal["", "before_publish", "after_publish"] = ""
+    fault_kill_after_outputs: int = Field(0, ge=0)
 
     @property
     def topic_dlq(self) -> str:
