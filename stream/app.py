@@ -160,6 +160,21 @@ def create_app(settings: Settings) -> faust.App:
                 metrics.EVENT_TIME_LAG_SECONDS.observe(max(0.0, published_at - event.timestamp / 1000))
         metrics.USERS_PENDING.set(0)
 
+    @app.timer(interval=5.0)
+    async def update_lag() -> None:
+        """Consumer lag of this worker's events partitions: end offset minus committed offset."""
+        tps = [tp for tp in app.consumer.assignment() if tp.topic == settings.topic_events]
+        ends = await app.consumer.highwaters(*tps) if tps else {}
+        for tp in tps:
+            committed = app.consumer._committed_offset.get(tp) or 0  # Faust keeps no public accessor
+            metrics.CONSUMER_LAG.labels(str(tp.partition)).set(max(0, ends[tp] - committed))
+
+    @app.timer(interval=30.0)
+    async def count_users() -> None:
+        """Users in this worker's state: an exact key count (RocksDB's estimate counts overwrites too)."""
+        dbs = getattr(user_state.data, "_dbs", {})  # the store's open partition DBs; no public accessor
+        metrics.USERS_IN_STATE.set(sum(sum(1 for _ in db.keys()) for db in list(dbs.values())))  # noqa: SIM118
+
     @app.page("/users/{user_id}/interest")
     @app.table_route(table=user_interest, match_info="user_id")
     async def interest_view(web: faust.web.View, request: faust.web.Request, user_id: str) -> faust.web.Response:
