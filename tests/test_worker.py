@@ -8,6 +8,7 @@ Only (a) replays the full data set; the others use small synthetic sets to keep 
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -18,15 +19,17 @@ import pytest
 from aiokafka.partitioner import murmur2
 
 from stream.events import Event
-from stream.local.broker import ensure_topics, run_sync
+from stream.local.broker import changelog_topic, ensure_topics, free_port, run_sync
+from stream.local.worker import settings_env
 from stream.replay import publish
 from stream.sessions import UserState, decode_state, state_from_events
 from stream.settings import Settings
-from stream.synthetic import mix_malformed
+from stream.synthetic import MALFORMED_KINDS, marker_of, mix_malformed, synthetic_events
 from tests.fixtures.worker import (
     TABLE,
     Changelog,
     Worker,
+    end_offsets,
     merge_partitions,
     read_changelog,
     read_rocksdb,
@@ -126,9 +129,6 @@ class MovieLensRun:
 def movielens_run(broker, tmp_path_factory: pytest.TempPathFactory) -> MovieLensRun:
     """Replay all 100,836 ratings once through one worker; (a) and (e) both check the result."""
     from models.datasets import movielens_events
-    from stream.local.broker import free_port
-    from tests.fixtures.worker import Worker as _Worker
-    from tests.fixtures.worker import settings_env
 
     root = tmp_path_factory.mktemp("movielens")
     settings = new_settings(broker.bootstrap, root)
@@ -136,7 +136,9 @@ def movielens_run(broker, tmp_path_factory: pytest.TempPathFactory) -> MovieLens
     assert len(events) == 100_836
     expected = expected_states(events, settings)
     port = free_port()
-    worker = _Worker("ml", settings, root / "ml.log", settings_env(settings, {"METRICS_PORT": str(port)}), port)
+    worker = Worker(
+        "movielens", settings, root / "movielens.log", settings_env(settings, {"METRICS_PORT": str(port)}), port
+    )
     try:
         worker.start()
         run_sync(publish(settings, mix_malformed(events), progress=False))
@@ -169,3 +171,137 @@ def test_e_every_state_is_in_its_own_keys_changelog_partition(movielens_run: Mov
     assert {k: {p} for k, (p, _) in run.changelog.latest.items()} == dict(event_partitions)
     in_rocksdb = {k: p for p, values in run.rocksdb.items() for k in values}
     assert in_rocksdb == {k: p for k, (p, _) in run.changelog.latest.items()}
+
+
+# --- (b) restarts and an idempotent replay ----------------------------------------------------------------------
+
+
+def test_b_restart_with_and_without_rocksdb_and_replay_are_idempotent(
+    make_settings: Callable[..., Settings], start_worker: Callable[..., Worker]
+) -> None:
+    settings = make_settings(tables=(TABLE,), topic_partitions=4)
+    valid = synthetic_events(300, 3_000, seed=21)
+    messages = mix_malformed(valid)
+    expected = expected_states(valid, settings)
+    # every event stays retained (nothing evicted), so every replayed one must be recognised as a duplicate
+    assert all(s.sessions_evicted == 0 and s.events_seen == len(s) for s in expected.values())
+
+    first = start_worker(settings, name="first")
+    run_sync(publish(settings, messages, progress=False))
+    process_all(settings, [first], expected)
+    assert_healthy(first)
+    stop_cleanly(first)
+    stored = read_rocksdb(settings.state_dir)
+    assert_states(merge_partitions(stored), expected, "RocksDB after the first run")
+
+    kept = start_worker(settings, name="kept")  # RocksDB files kept: reads the changelog from its stored offset
+    stop_cleanly(kept)
+    assert read_rocksdb(settings.state_dir) == stored
+
+    shutil.rmtree(settings.state_dir)  # RocksDB files gone: the whole state comes back from the changelog
+    restored = start_worker(settings, name="restored")
+    assert "Restore complete" in restored.log_text()
+    stop_cleanly(restored)
+    assert read_rocksdb(settings.state_dir) == stored
+
+    replayed = start_worker(settings, name="replayed")
+    changelog_before = end_offsets(settings, changelog_topic(settings.app_id, TABLE))
+    run_sync(publish(settings, messages, progress=False))
+    wait_caught_up(settings, [replayed], timeout_s=300)
+    duplicates = wait_for(
+        lambda: replayed.metric("interest_duplicates_ignored_total") >= len(valid) and replayed,
+        60,
+        "the duplicate counter",
+    ).metric("interest_duplicates_ignored_total")
+    assert duplicates == len(valid)
+    assert replayed.metric("interest_events_consumed_total") == 0
+    assert replayed.metric("interest_events_rejected_total") == 0
+    assert end_offsets(settings, changelog_topic(settings.app_id, TABLE)) == changelog_before  # no state written
+    assert_healthy(replayed)
+    stop_cleanly(replayed)
+    assert read_rocksdb(settings.state_dir) == stored
+
+
+# --- (c) two workers in one group ---------------------------------------------------------------------------------
+
+
+def test_c_two_workers_split_the_partitions_and_hold_every_user_once(
+    make_settings: Callable[..., Settings], start_worker: Callable[..., Worker], tmp_path: Path
+) -> None:
+    settings = make_settings(tables=(TABLE,))
+    n, topic = settings.topic_partitions, settings.topic_events
+    valid = synthetic_events(400, 4_000, seed=31)
+    expected = expected_states(valid, settings)
+    w1 = start_worker(settings.model_copy(update={"state_dir": tmp_path / "w1"}), name="w1")
+    w2 = start_worker(settings.model_copy(update={"state_dir": tmp_path / "w2"}), name="w2")
+
+    def settled() -> tuple[set[int], set[int]] | None:
+        a1, a2 = w1.assignments(topic), w2.assignments(topic)
+        if a1 and a2 and a1[-1] and a2[-1] and not a1[-1] & a2[-1] and a1[-1] | a2[-1] == set(range(n)):
+            return a1[-1], a2[-1]
+        return None
+
+    own1, own2 = wait_for(settled, 120, "the group to split the input partitions between the two workers")
+    run_sync(publish(settings, mix_malformed(valid), progress=False))
+    process_all(settings, [w1, w2], expected)
+    for worker in (w1, w2):
+        assert_healthy(worker)
+    assert (w1.assignments(topic)[-1], w2.assignments(topic)[-1]) == (own1, own2)  # no rebalance during the run
+    stop_cleanly(w1, w2)
+
+    files1, files2 = read_rocksdb(tmp_path / "w1"), read_rocksdb(tmp_path / "w2")
+    active1 = merge_partitions({p: files1.get(p, {}) for p in own1})
+    active2 = merge_partitions({p: files2.get(p, {}) for p in own2})
+    assert active1 and active2, "each worker must hold some users"
+    assert not active1.keys() & active2.keys(), "a user is active on both workers"
+    assert_states({**active1, **active2}, expected, "the two workers' RocksDB files")
+    # Any other file content is a standby copy (table_standby_replicas): still only keys of that partition.
+    for files in (files1, files2):
+        for p, values in files.items():
+            assert all(key_partition(k, n) == p for k in values), f"a key outside its partition in {p}"
+
+
+# --- (d) malformed messages -----------------------------------------------------------------------------------
+
+
+def test_d_malformed_messages_go_to_the_dlq_and_leave_the_state_alone(
+    make_settings: Callable[..., Settings], start_worker: Callable[..., Worker]
+) -> None:
+    settings = make_settings(tables=(TABLE,), topic_partitions=4)
+    valid = synthetic_events(200, 3_000, seed=41)
+    messages = mix_malformed(valid, count=1_000, seed=42)
+    assert messages.malformed == 1_000 and set(messages.kinds) - {None} == set(MALFORMED_KINDS)
+    expected = expected_states(valid, settings)
+
+    worker = start_worker(settings)
+    run_sync(publish(settings, messages, progress=False))
+    changelog = process_all(settings, [worker], expected)
+    assert_states(changelog.values(), expected, "changelog")
+
+    sent = {marker_of(r.value): r for r in read_topic(settings, settings.topic_events) if marker_of(r.value)}
+    assert len(sent) == 1_000
+    dlq = wait_for(
+        lambda: (records := read_topic(settings, settings.topic_dlq)) and len(records) >= 1_000 and records,
+        60,
+        "1,000 DLQ records",
+    )
+    assert len(dlq) == 1_000  # no valid event was dead-lettered
+    reasons: dict[str, int] = defaultdict(int)
+    for record in dlq:
+        headers = {k: v.decode() for k, v in record.headers}
+        marker = marker_of(record.value)
+        assert marker in sent, f"DLQ record without a known marker: {record.value[:120]!r}"
+        source, kind = sent.pop(marker), marker[len("bad-") :].rsplit("-", 1)[0]
+        assert headers["dlq.reason"] == MALFORMED_KINDS[kind], (marker, headers)
+        assert (record.key, record.value) == (source.key, source.value)  # original bytes, byte for byte
+        assert headers["dlq.topic"] == settings.topic_events
+        assert (headers["dlq.partition"], headers["dlq.offset"]) == (str(source.partition), str(source.offset))
+        assert headers["dlq.detail"] and int(headers["dlq.time_ms"]) > 0
+        reasons[headers["dlq.reason"]] += 1
+    assert sent == {}  # every malformed message is in the DLQ exactly once
+
+    assert {r: worker.metric("interest_events_rejected_total", reason=r) for r in reasons} == reasons
+    assert worker.metric("interest_events_consumed_total") == len(valid)
+    assert_healthy(worker)  # alive, and no agent crash or restart in its log
+    stop_cleanly(worker)
+    assert_states(merge_partitions(read_rocksdb(settings.state_dir)), expected, "RocksDB after stop")
