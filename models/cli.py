@@ -9,7 +9,58 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Attach the model commands to the `interest-stream` CLI."""
+    app.command("train")(train_command)
+    app.command("eval")(eval_command)
     app.command("export")(export_command)
+
+
+def train_command(
+    out: Path = typer.Option(Path("artifacts/model"), help="checkpoint directory"),
+    dataset: str = typer.Option("movielens", help="movielens | otto"),
+    seed: int = typer.Option(0),
+    max_epochs: int = typer.Option(200),
+    max_minutes: float = typer.Option(8.0, help="wall-clock cap (early stopping usually ends sooner)"),
+    fusion: bool = typer.Option(True, help="long-/short-term session fusion"),
+    session_pos: bool = typer.Option(True, help="session-distance attention bias"),
+    time_gaps: bool = typer.Option(True, help="time-gap embeddings"),
+    device: str = typer.Option("auto", help="auto = cuda when present, else cpu"),
+) -> None:
+    """Train the interest Transformer: checkpoint.pt, vocab.json, categories.json, metrics.json, train_curve.png."""
+    import json
+
+    from models.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        dataset=dataset,
+        seed=seed,
+        max_epochs=max_epochs,
+        max_minutes=max_minutes,
+        use_fusion=fusion,
+        use_session_pos=session_pos,
+        use_time_gaps=time_gaps,
+        device=device,
+    )
+    ckpt, _ = train(cfg, out=out)
+    meta = ckpt.metadata
+    typer.echo(f"{out}: {meta['epochs']} epochs in {meta['train_seconds']} s on {meta['device']}")
+    typer.echo(f"test: {json.dumps({k: round(v, 4) for k, v in meta['test_metrics'].items()})}")
+
+
+def eval_command(
+    seeds: int = typer.Option(3, help="seeds per neural variant (mean ± std)"),
+    max_epochs: int = typer.Option(25, help="epoch cap per training run"),
+    max_minutes: float = typer.Option(3.0, help="wall-clock cap per training run"),
+    variant: list[str] = typer.Option([], help="subset of variants (default: all)"),
+    out: Path = typer.Option(Path("artifacts/eval"), help="results.json (resumable: finished runs are kept)"),
+    report: Path = typer.Option(Path("docs/model-results.md"), help="markdown report; the chart is written beside it"),
+) -> None:
+    """Next-item and next-session evaluation vs popularity, item-kNN, SASRec and ablations; prints RESULT last."""
+    from models.evaluate import VARIANTS, result_line, run
+
+    variants = tuple(variant) or tuple(VARIANTS)
+    summary = run(seeds, max_epochs, max_minutes, variants, out, report, log=typer.echo)
+    typer.echo(f"report: {report}")
+    typer.echo(result_line(summary))
 
 
 def export_command(

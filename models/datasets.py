@@ -27,9 +27,7 @@ def data_dir() -> Path:
     for candidate in (here.parent / "shared" / "data", here / "shared" / "data", Path.cwd().parent / "shared" / "data"):
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(
-        "shared data not found: set INTEREST_DATA_DIR (holds movielens-latest-small/)"
-    )
+    raise FileNotFoundError("shared data not found: set INTEREST_DATA_DIR (holds movielens-latest-small/)")
 
 
 def movielens_dir() -> Path:

@@ -1,0 +1,47 @@
+"""Non-neural baselines in the same harness (numpy): they return unfiltered [B, n_items] scores like the model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from models.encoding import Vocabulary
+from stream.sessions import UserState
+
+
+def interactions(states: Sequence[UserState], vocab: Vocabulary) -> np.ndarray:
+    """[users, n_items] binary user-item matrix of the training histories."""
+    x = np.zeros((len(states), len(vocab)), dtype=np.float32)
+    for u, s in enumerate(states):
+        x[u, vocab.indices(s.items)] = 1.0
+    return x
+
+
+class Popularity:
+    """Items by how many training users interacted with them."""
+
+    def __init__(self, train: Sequence[UserState], vocab: Vocabulary) -> None:
+        self.counts = interactions(train, vocab).sum(0)
+
+    def scores(self, states: Sequence[UserState], vocab: Vocabulary) -> np.ndarray:
+        return np.tile(self.counts, (len(states), 1))
+
+
+class ItemKNN:
+    """Cosine item-item similarity over training users; a history scores sum_j w_j * sim(j, .), where w decays
+    with recency (`decay` per event back from the most recent; 1.0 = no recency)."""
+
+    def __init__(self, train: Sequence[UserState], vocab: Vocabulary, decay: float = 1.0) -> None:
+        x = interactions(train, vocab)
+        norms = np.sqrt(x.sum(0))
+        self.xn = x / np.where(norms > 0, norms, 1.0)  # column-normalized: S = xn.T @ xn (never materialized)
+        self.decay = decay
+
+    def scores(self, states: Sequence[UserState], vocab: Vocabulary) -> np.ndarray:
+        h = np.zeros((len(states), self.xn.shape[1]), dtype=np.float32)
+        for u, s in enumerate(states):
+            idx = vocab.indices(s.items)
+            w = self.decay ** np.arange(len(idx) - 1, -1, -1, dtype=np.float64)
+            np.add.at(h[u], idx, w.astype(np.float32))
+        return (h @ self.xn.T) @ self.xn

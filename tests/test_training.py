@@ -1,0 +1,91 @@
+"""Data split, ranking metrics, baselines and a few training steps on a real MovieLens subset (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from models.baselines import ItemKNN, Popularity
+from models.data import HISTORY, load_movielens, load_otto, prefix, split
+from models.datasets import by_user, otto_events
+from models.encoding import OOV, PAD, encode_batch
+from models.ranking import next_item_metrics, next_session_metrics, seen_mask
+from stream.sessions import fingerprint, state_from_events
+
+
+@pytest.fixture(scope="module")
+def movielens():
+    return load_movielens()
+
+
+def test_split_holds_out_unseen_targets(movielens):
+    ds = movielens
+    sp = split(ds)
+    assert len(sp.test_inputs) == len(ds.states) == 610 and len(sp.ns_inputs) > 250
+    assert len(ds.categories) >= 19 and ds.item_categories.shape == (len(ds.vocab), len(ds.categories))
+    by_first = {s.ts[0]: s for s in ds.states}
+    for tr, val_in, t in zip(sp.train[:100], sp.val_inputs, sp.val_targets, strict=False):
+        full = by_first[tr.ts[0]]
+        assert tr.items == val_in.items and ds.vocab.index(full.items[len(tr)]) == t  # next event is the target
+    for inp, targets in zip(sp.ns_inputs, sp.ns_targets, strict=True):
+        full = by_first[inp.ts[0]]
+        assert len(inp) == full.starts[-1] and len(targets) > 0  # the input stops where the last session starts
+    assert split(ds).test_targets.tolist() == sp.test_targets.tolist()  # deterministic
+
+
+def test_prefix_equals_offline_sessionization():
+    otto = load_otto()
+    for (_, events), s in zip(sorted(by_user(otto_events())), otto.states, strict=True):
+        ordered = sorted(events, key=lambda e: (e.timestamp, fingerprint(e)))  # the fold's order
+        for n in (1, len(s) // 2, len(s)):
+            want = state_from_events(ordered[:n], HISTORY)
+            got = prefix(s, n)
+            assert (got.ts, got.items, got.types, got.starts) == (want.ts, want.items, want.types, want.starts)
+
+
+def test_ranking_metrics_by_hand():
+    scores = np.array([[0, 0, 5.0, 4.0, 3.0, 2.0], [0, 0, 1.0, 1.0, 1.0, -np.inf]])
+    scores[:, [PAD, OOV]] = -np.inf
+    m = next_item_metrics(scores, np.array([3, 4]), k=2)
+    # row 0: rank 1 -> ndcg 1/log2(3), hit; row 1: three-way tie -> rank 1 -> same
+    assert m["ndcg2"] == pytest.approx(1 / np.log2(3)) and m["recall2"] == 1.0 and m["mrr"] == pytest.approx(0.5)
+    assert next_item_metrics(scores, np.array([2, 5]), k=1)["recall1"] == 0.5  # a filtered target misses
+    ns = next_session_metrics(scores[:1], [np.array([2, 5, 3])], k=2)
+    assert ns["recall2"] == 1.0 and ns["ndcg2"] == pytest.approx(1.0)
+
+
+def test_baselines_rank_sensibly(movielens):
+    ds = movielens
+    sp = split(ds)
+    pop = Popularity(sp.train, ds.vocab).scores(sp.test_inputs[:3], ds.vocab)
+    assert pop.shape == (3, len(ds.vocab)) and pop[0].argmax() == 2  # the vocabulary is most-popular first
+    knn = ItemKNN(sp.train, ds.vocab, decay=0.8).scores(sp.test_inputs[:3], ds.vocab)
+    assert knn.shape == pop.shape and np.isfinite(knn).all()
+    mask = seen_mask(sp.test_inputs[:3], ds.vocab)
+    assert mask[:, [PAD, OOV]].all() and mask[0].sum() == len(sp.test_inputs[0]) + 2
+
+
+def test_train_save_load_roundtrip(movielens, tmp_path):
+    from models.train import TrainConfig, load_checkpoint, train
+
+    ds = replace(movielens, states=movielens.states[:40], users=movielens.users[:40])
+    cfg = TrainConfig(max_len=20, d_model=16, max_epochs=2, batch_size=16, n_negatives=32, device="cpu")
+    ckpt, history = train(cfg, ds, out=tmp_path, quiet=True)
+    assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"]))
+    for name in ("checkpoint.pt", "vocab.json", "categories.json", "metrics.json", "train_curve.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["data_hash"] == ds.data_hash
+    loaded = load_checkpoint(tmp_path)
+    assert not loaded.model.training and loaded.vocab.items == ds.vocab.items and loaded.categories == ds.categories
+    assert (
+        loaded.encoder_config == ckpt.encoder_config
+        and loaded.metadata["test_metrics"] == ckpt.metadata["test_metrics"]
+    )
+    x = {k: torch.from_numpy(v) for k, v in encode_batch(ds.states[:5], loaded.vocab, loaded.encoder_config).items()}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(**x), ckpt.model(**x))
+        assert torch.isfinite(loaded.model.item_scores(loaded.model(**x))[:, 2:]).all()
