@@ -128,3 +128,17 @@ def triton(
     code = server.serve_forever()
     typer.echo(f"tritonserver stopped (exit code {code})")
     raise typer.Exit(0 if code in (0, None) else 1)
+
+
+@bench.command("ingest")
+def bench_ingest(
+    events: int = typer.Option(200_000, help="Synthetic events to publish and ingest"),
+    users: int | None = typer.Option(None, help="Synthetic users (default: events / 100)"),
+    partitions: int = typer.Option(8, help="Partitions of the input topic and the table"),
+    seed: int = typer.Option(0, help="Seed of the synthetic events"),
+    profile: Path | None = typer.Option(None, help="Run the worker under cProfile, stats to this file (slower)"),
+) -> None:
+    """Worker ingest events/s vs a bare aiokafka consumer on the same local broker, and state bytes per user."""
+    from stream.benchmarks.ingest import print_result, run
+
+    print_result(run(events, users or max(1, events // 100), partitions=partitions, seed=seed, profile=profile))

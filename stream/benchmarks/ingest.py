@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -22,6 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TABLE = "user_state"
+
+#: Runs the worker in-process under cProfile (main thread: agent, conductor, tables) and dumps the stats on exit.
+_PROFILED_WORKER = """
+import cProfile, sys
+from stream.app import run_worker
+from stream.settings import Settings
+profile = cProfile.Profile()
+try:
+    profile.runcall(run_worker, Settings())
+except SystemExit:
+    pass
+finally:
+    profile.dump_stats(sys.argv[1])
+"""
 
 
 @dataclass(frozen=True)
@@ -51,8 +66,18 @@ class IngestResult:
         )
 
 
-def run(events: int, users: int, partitions: int = 8, seed: int = 0, workdir: Path | None = None) -> IngestResult:
-    """Start a broker, publish, measure the bare consumer, then the worker; everything stopped after."""
+def run(
+    events: int,
+    users: int,
+    partitions: int = 8,
+    seed: int = 0,
+    workdir: Path | None = None,
+    profile: Path | None = None,
+) -> IngestResult:
+    """Start a broker, publish, measure the bare consumer, then the worker; everything stopped after.
+
+    `profile`: run the worker under cProfile and write its stats there (slows the worker: not for the figures).
+    """
     from stream.local.broker import LocalBroker, ensure_topics, free_port, run_sync
     from stream.replay import publish
     from stream.settings import Settings
@@ -78,7 +103,7 @@ def run(events: int, users: int, partitions: int = 8, seed: int = 0, workdir: Pa
             messages = generate(users, events, seed=seed)
             published = run_sync(publish(settings, messages, progress=False))
             bare_eps, bare_s = run_sync(_bare_consumer(settings, events))
-            worker_eps, worker_s, worker_cpu_s, sizes = _worker(settings, events, root / "worker.log")
+            worker_eps, worker_s, worker_cpu_s, sizes = _worker(settings, events, root / "worker.log", profile)
         return IngestResult(
             events=events,
             users=len(sizes),
@@ -126,16 +151,21 @@ async def _bare_consumer(settings, total: int, timeout_s: float = 600.0) -> tupl
         await consumer.stop()
 
 
-def _worker(settings, total: int, log_path: Path, timeout_s: float = 900.0) -> tuple[float, float, float, list[int]]:
+def _worker(
+    settings, total: int, log_path: Path, profile: Path | None = None, timeout_s: float = 900.0
+) -> tuple[float, float, float, list[int]]:
     """Run the worker until its consumed counter reaches `total` and the changelog holds every final state.
 
     Returns (events/s, seconds, worker CPU seconds, serialized sizes of the final states).
     """
     from stream.local.worker import settings_env, worker_command
 
+    command = worker_command()
+    if profile is not None:
+        command = [sys.executable, "-c", _PROFILED_WORKER, str(Path(profile).absolute())]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            worker_command(),
+            command,
             env=settings_env(settings),
             cwd=log_path.parent,
             stdin=subprocess.DEVNULL,
