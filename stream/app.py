@@ -95,25 +95,43 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(events_topic)
     async def ingest(stream: faust.StreamT) -> None:
         async for batch in stream.take_events(settings.worker_batch_max, within=settings.worker_batch_wait_s):
-            by_user: dict[bytes, list[tuple[Event, EventT]]] = {}
-            for ev in batch:
-                parsed = parse_event(
-                    ev.message.value, ev.message.key or b"", max_bytes=max_bytes, max_future_ms=max_future_ms
-                )
-                if isinstance(parsed, Rejection):
-                    await dead_letter(ev, parsed)
-                else:
-                    by_user.setdefault(ev.message.key, []).append((parsed, ev))
-            to_publish: list[tuple[bytes, UserState, Pairs]] = []
-            for key, pairs in by_user.items():
-                state, changed = await apply_user(pairs)
-                if publisher is None:
-                    if changed:
-                        write_state(key, state, pairs)
-                elif state.dirty:  # changed now, or stored unpublished (written while inference was off)
-                    to_publish.append((key, state, pairs))
-            if to_publish:
-                await publish(to_publish)
+            await process_until_done(batch)
+
+    async def process_until_done(batch: list[EventT]) -> None:
+        """Faust acks a take() batch even when the agent raises, so a failed batch is retried here, never left:
+        a stuck batch stalls the partition loudly (lag alert, ERROR logs) instead of committing lost updates."""
+        delay_s = 0.5
+        while True:
+            try:
+                return await process(batch)
+            except Exception:
+                metrics.BATCH_FAILURES.inc()
+                log.exception("batch of %d events failed; retrying in %.1f s (offsets stay uncommitted)",
+                              len(batch), delay_s)  # fmt: skip
+                await asyncio.sleep(delay_s)
+                delay_s = min(2 * delay_s, 30.0)
+
+    async def process(batch: list[EventT]) -> None:
+        """Validate, fold per user, infer and publish. Safe to repeat: stored states only move forward."""
+        by_user: dict[bytes, list[tuple[Event, EventT]]] = {}
+        for ev in batch:
+            parsed = parse_event(
+                ev.message.value, ev.message.key or b"", max_bytes=max_bytes, max_future_ms=max_future_ms
+            )
+            if isinstance(parsed, Rejection):
+                await dead_letter(ev, parsed)
+            else:
+                by_user.setdefault(ev.message.key, []).append((parsed, ev))
+        to_publish: list[tuple[bytes, UserState, Pairs]] = []
+        for key, pairs in by_user.items():
+            state, changed = await apply_user(pairs)
+            if publisher is None:
+                if changed:
+                    write_state(key, state, pairs)
+            elif state.dirty:  # changed now, or stored unpublished (written while inference was off)
+                to_publish.append((key, state, pairs))
+        if to_publish:
+            await publish(to_publish)
 
     async def apply_user(pairs: Pairs) -> tuple[UserState, bool]:
         """Fold one user's events into its stored state; the new state and whether it changed."""

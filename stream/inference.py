@@ -180,8 +180,9 @@ class InterestClient:
             code = exc.status() or "unknown"
             metrics.TRITON_ERRORS.labels(code.removeprefix("StatusCode.")).inc()
             self.breaker.failure()
-            if code in ("StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND", "400"):
-                raise  # our request is wrong: retrying cannot help, crash loudly
+            if code in ("StatusCode.INVALID_ARGUMENT", "400"):
+                raise  # our request is wrong: retrying soon cannot help (the agent logs it and backs off)
+            # NOT_FOUND too: a model being unloaded or (re)loaded (Triton stopping, a roll-out) comes back.
             raise TritonUnavailable(f"{code}: {exc.message()}") from exc
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(inputs[INPUT_NAMES[0]]))

@@ -32,6 +32,9 @@ INFERENCE_SECONDS = Histogram(
 )
 TRITON_ERRORS = Counter("interest_triton_errors_total", "Failed Triton requests, by status code.", ["code"])
 TRITON_RETRIES = Counter("interest_triton_retries_total", "Triton requests retried after a failure.")
+BATCH_FAILURES = Counter(
+    "interest_batch_failures_total", "Event batches whose processing failed and is retried (offsets held)."
+)
 CIRCUIT_OPEN = Gauge("interest_triton_circuit_open", "1 while the Triton circuit breaker is open, else 0.")
 OUTPUTS_PUBLISHED = Counter("interest_outputs_published_total", "Interest records published to the output topic.")
 EVENT_TO_OUTPUT_SECONDS = Histogram(
