@@ -142,3 +142,18 @@ def bench_ingest(
     from stream.benchmarks.ingest import print_result, run
 
     print_result(run(events, users or max(1, events // 100), partitions=partitions, seed=seed, profile=profile))
+
+
+@app.command()
+def demo(
+    work_dir: Path = typer.Option(Path(".local/demo"), help="broker data, worker state and server logs"),
+    artifacts: Path = typer.Option(Path("artifacts"), help="model checkpoint and Triton repositories (cached)"),
+    retrain: bool = typer.Option(False, help="train and export again even when a model is cached"),
+    rate: float | None = typer.Option(None, help="replay rate in events/s (default: full speed)"),
+    keep_running: bool = typer.Option(False, help="after the replay, keep everything up until Ctrl-C"),
+    users: int | None = typer.Option(None, help="replay only the first N MovieLens users (default: all 610)"),
+) -> None:
+    """Local pipeline: broker, model (trained once), Triton twin, worker; replay MovieLens with a live view."""
+    from stream.demo import run_demo
+
+    run_demo(work_dir, artifacts, retrain=retrain, rate=rate, keep_running=keep_running, users=users)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.datasets import by_user, movielens_events, movielens_movies
+from models.datasets import by_user, movielens_events
 from stream.events import Event
 from stream.local.broker import LocalBroker, ensure_topics
 from stream.local.triton import LocalTriton
@@ -29,26 +29,6 @@ from tests.fixtures.worker import Worker, read_topic, wait_caught_up, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.triton]
 TABLES = ("user_state", "user_interest")
-
-
-@pytest.fixture(scope="module")
-def ml_export(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A tiny real model over the MovieLens vocabulary and genres, exported (production + twin)."""
-    import torch
-
-    from models.encoding import EncoderConfig, Vocabulary
-    from models.export import export_repository
-    from models.model import InterestTransformer, ModelConfig
-    from tests.fixtures.triton import TinyCheckpoint
-
-    torch.manual_seed(1)
-    movies = movielens_movies()
-    genres = sorted({g for m in movies.values() for g in m.genres})
-    vocab = Vocabulary(sorted(movies))
-    enc = EncoderConfig()
-    cfg = ModelConfig.for_encoder(enc, len(vocab), n_categories=len(genres), d_model=16, n_heads=2)
-    ckpt = TinyCheckpoint(InterestTransformer(cfg).eval(), cfg, enc, vocab, genres, {"model_version": "ml-tiny"})
-    return export_repository(ckpt, tmp_path_factory.mktemp("ml-export") / "repo", twin_threads=1)
 
 
 @pytest.fixture(scope="module")

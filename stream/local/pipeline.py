@@ -217,6 +217,7 @@ class LocalPipeline:
             settings = base.model_copy(update={"state_dir": self.work_dir / "state" / f"worker{i}", **ports})
             worker = WorkerProcess(settings, settings_env(settings, self.extra_env), self.work_dir / f"worker{i}.log")
             self.workers.append(worker)
+            settings.state_dir.parent.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
             worker.start()
         self._settings = self.workers[0].settings
         deadline = time.monotonic() + self.ready_timeout_s

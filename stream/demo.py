@@ -1,0 +1,201 @@
+"""`interest-stream demo`: the whole pipeline on this machine in one command.
+
+Broker (noida-db) -> worker (Faust + RocksDB) -> Triton (the CPU twin of the exported model) -> output topic.
+The model is trained and exported on the first run (a subprocess: `stream` never imports torch) and reused
+after. MovieLens is replayed while a live table shows what the worker's own Prometheus metrics say; at the end
+a few users' profiles are read back through the worker's HTTP view, and everything is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from stream.local.broker import run_sync
+from stream.local.pipeline import LocalPipeline, http_json
+from stream.replay import ReplayResult, load_messages, publish
+
+MODEL_NAME = "interest_transformer"
+
+
+def ensure_model(artifacts: Path, retrain: bool = False, console: Console | None = None) -> Path:
+    """The CPU twin repository, training (≤ 10 min on 2 cores) and exporting first when it is missing."""
+    console = console or Console()
+    checkpoint, production = artifacts / "model", artifacts / "model_repository"
+    twin = production.with_name(production.name + "-twin")
+    cli = [sys.executable, "-c", "from stream.cli import app; app()"]
+    onnx, trained = twin / MODEL_NAME / "1" / "model.onnx", checkpoint / "checkpoint.pt"
+    if not retrain and onnx.exists() and (not trained.exists() or trained.stat().st_mtime <= onnx.stat().st_mtime):
+        return twin  # exported from the newest checkpoint (or shipped without one)
+    if retrain or not trained.exists():
+        console.print(f"[bold]training[/] the interest Transformer on MovieLens -> {checkpoint} (once; ≤ 10 min)")
+        subprocess.run([*cli, "train", "--out", str(checkpoint)], check=True)
+    console.print(f"[bold]exporting[/] {checkpoint} -> {production} and {twin}")
+    subprocess.run([*cli, "export", "--checkpoint", str(checkpoint), "--out", str(production)], check=True)
+    return twin
+
+
+@dataclass
+class Snapshot:
+    """The worker's counters at one moment (from its /metrics page)."""
+
+    at: float
+    consumed: float = 0.0
+    rejected: float = 0.0
+    duplicates: float = 0.0
+    outputs: float = 0.0
+    pending: float = 0.0
+    latency_buckets: tuple[tuple[float, float], ...] = ()  # (le, cumulative count)
+
+    @classmethod
+    def scrape(cls, metrics_url: str) -> Snapshot:
+        snap = cls(at=time.monotonic())
+        try:
+            with urllib.request.urlopen(metrics_url, timeout=2) as response:
+                text = response.read().decode()
+        except OSError:
+            return snap
+        buckets = []
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "interest_events_consumed_total":
+                    snap.consumed += s.value
+                elif s.name == "interest_events_rejected_total":
+                    snap.rejected += s.value
+                elif s.name == "interest_duplicates_ignored_total":
+                    snap.duplicates += s.value
+                elif s.name == "interest_outputs_published_total":
+                    snap.outputs = s.value
+                elif s.name == "interest_users_pending_inference":
+                    snap.pending = s.value
+                elif s.name == "interest_event_to_output_seconds_bucket":
+                    buckets.append((float(s.labels["le"]), s.value))
+        snap.latency_buckets = tuple(sorted(buckets))
+        return snap
+
+    @property
+    def handled(self) -> float:
+        return self.consumed + self.rejected + self.duplicates
+
+
+def histogram_quantile(q: float, buckets: tuple[tuple[float, float], ...]) -> float | None:
+    """Prometheus' histogram_quantile over cumulative (le, count) buckets: linear within the bucket."""
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank, prev_le, prev_count = q * buckets[-1][1], 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * (rank - prev_count) / max(count - prev_count, 1e-12)
+        prev_le, prev_count = le, count
+    return prev_le
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:,.0f} ms"
+
+
+def _live_table(sent: int, first: Snapshot, prev: Snapshot, now: Snapshot) -> Table:
+    dt = max(now.at - prev.at, 1e-6)
+    table = Table(title="interest-stream demo (worker metrics)", show_header=True)
+    for column in ("events sent", "events handled", "events/s", "outputs", "outputs/s", "pending", "p50", "p99"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        f"{sent:,}",
+        f"{now.handled - first.handled:,.0f}",
+        f"{(now.handled - prev.handled) / dt:,.0f}",
+        f"{now.outputs:,.0f}",
+        f"{(now.outputs - prev.outputs) / dt:,.0f}",
+        f"{now.pending:,.0f}",
+        _ms(histogram_quantile(0.5, now.latency_buckets)),
+        _ms(histogram_quantile(0.99, now.latency_buckets)),
+    )
+    return table
+
+
+def print_profiles(console: Console, web_url: str, users: list[str]) -> None:
+    """A few users' latest interest, read back through the worker's HTTP view, with genres and titles."""
+    from models.datasets import movielens_movies  # torch-free loader of the shipped data
+
+    titles = {movie_id: movie.title for movie_id, movie in movielens_movies().items()}
+    for user in users:
+        record = http_json(f"{web_url}/users/{user}/interest")
+        if not record:
+            console.print(f"user {user}: no interest published")
+            continue
+        genres = ", ".join(f"{c['id']} {c['score']:.2f}" for c in record["top_categories"][:3])
+        movies = "; ".join(titles.get(i["id"], i["id"]) for i in record["top_items"][:3])
+        console.print(
+            f"[bold]user {user}[/] (seq {record['seq']}, {record['events_seen']} ratings, "
+            f"{record['sessions_seen']} sessions)\n  top genres: {genres}\n  top movies: {movies}"
+        )
+
+
+def run_demo(
+    work_dir: Path = Path(".local/demo"),
+    artifacts: Path = Path("artifacts"),
+    retrain: bool = False,
+    rate: float | None = None,
+    keep_running: bool = False,
+    users: int | None = None,
+) -> None:
+    console = Console()
+    twin = ensure_model(artifacts, retrain, console)
+    messages = load_messages("movielens", users=users)
+    counts = Counter(key.decode() for key, _ in messages.records)
+    by_count = sorted(counts, key=lambda u: (counts[u], u))
+    profile_users = list(dict.fromkeys([by_count[len(by_count) // 2], by_count[-len(by_count) // 10], by_count[-1]]))
+    console.print(f"starting broker, Triton ({twin}) and worker in {work_dir} ...")
+    with LocalPipeline(work_dir, repo=twin) as pipe:
+        console.print(f"metrics  {pipe.metrics_url}\nhttp     {pipe.web_url}/users/<user_id>/interest")
+        result: list[ReplayResult] = []
+        sender = threading.Thread(
+            target=lambda: result.append(run_sync(publish(pipe.settings, messages, rate=rate, progress=False))),
+            daemon=True,
+        )
+        sender.start()
+        first = prev = Snapshot.scrape(pipe.metrics_url)
+        stable_since = None
+        with Live(console=console, refresh_per_second=2) as live:
+            while True:
+                time.sleep(1.0)
+                now = Snapshot.scrape(pipe.metrics_url)
+                live.update(_live_table(result[0].sent if result else 0, first, prev, now))
+                finished = bool(result) and now.handled - first.handled >= result[0].sent and now.pending == 0
+                stable_since = (stable_since or now.at) if finished and now.outputs == prev.outputs else None
+                prev = now
+                if stable_since is not None and now.at - stable_since >= 2.0:
+                    break
+        sent = result[0]
+        console.print(
+            f"replayed {sent.sent:,} MovieLens ratings in {sent.seconds:.1f} s; worker done after "
+            f"{prev.at - first.at:.1f} s: {prev.outputs:,.0f} interest updates, "
+            f"event->output p50 {_ms(histogram_quantile(0.5, prev.latency_buckets))}, "
+            f"p99 {_ms(histogram_quantile(0.99, prev.latency_buckets))}"
+        )
+        print_profiles(console, pipe.web_url, profile_users)
+        console.print(
+            f"output topic: interest-stream tail --topic {pipe.settings.topic_output} --from-beginning "
+            f"--bootstrap {pipe.settings.kafka_bootstrap_servers}"
+        )
+        if keep_running:
+            console.print("running until Ctrl-C ...")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+        console.print("stopping worker, Triton and broker ...")
+    console.print("stopped.")
