@@ -157,3 +157,24 @@ def demo(
     from stream.demo import run_demo
 
     run_demo(work_dir, artifacts, retrain=retrain, rate=rate, keep_running=keep_running, users=users)
+
+
+@bench.command("pipeline")
+def bench_pipeline(
+    events: int = typer.Option(1_000_000, help="Synthetic events for the saturation run"),
+    users: int | None = typer.Option(None, help="Synthetic users (default: events / 100)"),
+    repo: Path = typer.Option(Path("artifacts/model_repository-twin"), help="Triton twin repository to serve"),
+    batch_max: int | None = typer.Option(None, help="WORKER_BATCH_MAX (default: the worker's default)"),
+    batch_wait_s: float | None = typer.Option(None, help="WORKER_BATCH_WAIT_S (default: the worker's default)"),
+    naive_events: int = typer.Option(3_000, help="Events for the one-request-per-event run"),
+    latency_s: float = typer.Option(30.0, help="Seconds of live events at half the measured rate"),
+    seed: int = typer.Option(0, help="Seed of the synthetic events"),
+) -> None:
+    """Pipeline events/s vs a bare consume->produce passthrough, seq/event, naive speed-up, latency, Triton."""
+    from stream.benchmarks.pipeline import print_result, run
+
+    result = run(
+        events, users or max(1, events // 100), repo, batch_max=batch_max, batch_wait_s=batch_wait_s,
+        naive_events=naive_events, latency_s=latency_s, seed=seed, log=typer.echo,
+    )  # fmt: skip
+    print_result(result)

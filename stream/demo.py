@@ -12,18 +12,16 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from stream.local.broker import run_sync
 from stream.local.pipeline import LocalPipeline, http_json
+from stream.local.scrape import Snapshot, histogram_quantile
 from stream.replay import ReplayResult, load_messages, publish
 
 MODEL_NAME = "interest_transformer"
@@ -44,63 +42,6 @@ def ensure_model(artifacts: Path, retrain: bool = False, console: Console | None
     console.print(f"[bold]exporting[/] {checkpoint} -> {production} and {twin}")
     subprocess.run([*cli, "export", "--checkpoint", str(checkpoint), "--out", str(production)], check=True)
     return twin
-
-
-@dataclass
-class Snapshot:
-    """The worker's counters at one moment (from its /metrics page)."""
-
-    at: float
-    consumed: float = 0.0
-    rejected: float = 0.0
-    duplicates: float = 0.0
-    outputs: float = 0.0
-    pending: float = 0.0
-    latency_buckets: tuple[tuple[float, float], ...] = ()  # (le, cumulative count)
-
-    @classmethod
-    def scrape(cls, metrics_url: str) -> Snapshot:
-        snap = cls(at=time.monotonic())
-        try:
-            with urllib.request.urlopen(metrics_url, timeout=2) as response:
-                text = response.read().decode()
-        except OSError:
-            return snap
-        buckets = []
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name == "interest_events_consumed_total":
-                    snap.consumed += s.value
-                elif s.name == "interest_events_rejected_total":
-                    snap.rejected += s.value
-                elif s.name == "interest_duplicates_ignored_total":
-                    snap.duplicates += s.value
-                elif s.name == "interest_outputs_published_total":
-                    snap.outputs = s.value
-                elif s.name == "interest_users_pending_inference":
-                    snap.pending = s.value
-                elif s.name == "interest_event_to_output_seconds_bucket":
-                    buckets.append((float(s.labels["le"]), s.value))
-        snap.latency_buckets = tuple(sorted(buckets))
-        return snap
-
-    @property
-    def handled(self) -> float:
-        return self.consumed + self.rejected + self.duplicates
-
-
-def histogram_quantile(q: float, buckets: tuple[tuple[float, float], ...]) -> float | None:
-    """Prometheus' histogram_quantile over cumulative (le, count) buckets: linear within the bucket."""
-    if not buckets or buckets[-1][1] == 0:
-        return None
-    rank, prev_le, prev_count = q * buckets[-1][1], 0.0, 0.0
-    for le, count in buckets:
-        if count >= rank:
-            if le == float("inf"):
-                return prev_le
-            return prev_le + (le - prev_le) * (rank - prev_count) / max(count - prev_count, 1e-12)
-        prev_le, prev_count = le, count
-    return prev_le
 
 
 def _ms(seconds: float | None) -> str:

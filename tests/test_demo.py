@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from stream.demo import histogram_quantile
 from stream.local.pipeline import http_json
+from stream.local.scrape import histogram_quantile
 
 pytestmark = [pytest.mark.broker, pytest.mark.triton]
 

@@ -124,7 +124,8 @@ class LocalPipeline:
     `fresh` (default) deletes the broker's data and the workers' state first, so every run starts from empty
     topics. `repo=None` runs the workers ingest-only (TRITON_URL empty). `batch_max` / `batch_wait_s` set
     WORKER_BATCH_MAX / WORKER_BATCH_WAIT_S; `overrides` are further Settings fields; `extra_env` is added to the
-    workers' environment last (e.g. fault injection or log level).
+    workers' environment last (e.g. fault injection or log level). `start_workers=False` brings up the broker
+    and Triton only, so a benchmark can fill the input topic first and then call `start_workers()`.
     """
 
     def __init__(
@@ -140,6 +141,7 @@ class LocalPipeline:
         extra_env: Mapping[str, str] | None = None,
         fresh: bool = True,
         ready_timeout_s: float = 180.0,
+        start_workers: bool = True,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -152,6 +154,7 @@ class LocalPipeline:
         self.extra_env = dict(extra_env or {})
         self.fresh = fresh
         self.ready_timeout_s = ready_timeout_s
+        self.start_workers_at_start = start_workers
         self.broker: LocalBroker | None = None
         self.triton: LocalTriton | None = None
         self.workers: list[WorkerProcess] = []
@@ -210,11 +213,17 @@ class LocalPipeline:
             fields |= {"triton_url": self.triton.grpc_url, "model_dir": self.repo / "interest_transformer"}
         else:
             fields["triton_url"] = ""
-        base = Settings(_env_file=None, **fields)
-        ensure_topics(base, tables=TABLES)
+        self._base = Settings(_env_file=None, **fields)
+        ensure_topics(self._base, tables=TABLES)
+        self._settings = self._base.model_copy(update={"state_dir": self.work_dir / "state" / "worker0"})
+        if self.start_workers_at_start:
+            self.start_workers()
+
+    def start_workers(self) -> None:
+        """Start the worker processes and wait until every one is ready (group joined, tables recovered)."""
         for i in range(self.n_workers):
             ports = {"worker_web_port": free_port(), "metrics_port": free_port()}
-            settings = base.model_copy(update={"state_dir": self.work_dir / "state" / f"worker{i}", **ports})
+            settings = self._base.model_copy(update={"state_dir": self.work_dir / "state" / f"worker{i}", **ports})
             worker = WorkerProcess(settings, settings_env(settings, self.extra_env), self.work_dir / f"worker{i}.log")
             self.workers.append(worker)
             settings.state_dir.parent.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
