@@ -117,7 +117,12 @@ def test_real_prometheus_sees_what_the_worker_did(pipeline: LocalPipeline, tmp_p
         assert prom.value('sum(interest_events_consumed_total{event_type="rating"})') == sent
         assert prom.value("sum(interest_outputs_published_total)") == len(outputs) >= len(users) == 25
         assert (prom.value("sum(interest_events_rejected_total)") or 0) == 0
-        assert prom.value('sum(nv_inference_count{model="interest_transformer"})') >= len(outputs)
+        # Triton refreshes its own counters every --metrics-interval-ms, so wait for them rather than read once
+        wait_for(
+            lambda: (prom.value('sum(nv_inference_count{model="interest_transformer"})') or 0) >= len(outputs),
+            60,
+            "prometheus to scrape Triton's inference count",
+        )
         assert prom.value("sum(interest_inference_batch_size_sum)") == len(outputs)
         assert prom.value("interest_triton_circuit_open") == 0
         info = prom.query("interest_worker_info")
