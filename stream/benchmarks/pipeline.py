@@ -37,6 +37,8 @@ class Saturation:
     batches: float
     worker_cpu_s: float
     triton_cpu_s: float
+    worker_rss_mb: float
+    triton_rss_mb: float
 
     @property
     def eps(self) -> float:
@@ -190,7 +192,24 @@ def _saturate(pipe: LocalPipeline, total: int, timeout_s: float = 3600.0) -> Sat
         batches=now.batches - first.batches,
         worker_cpu_s=cpu_end[0] - cpu_first[0],
         triton_cpu_s=cpu_end[1] - cpu_first[1],
+        worker_rss_mb=_rss_mb(worker.pid),
+        triton_rss_mb=_rss_mb(triton_pid),
     )
+
+
+def _rss_mb(pid: int | None) -> float:
+    """Resident memory of a process and its children (Triton's python stub is a child), MiB."""
+    import subprocess
+
+    if pid is None:
+        return 0.0
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,rss="], capture_output=True, text=True, check=True).stdout
+    rows = [tuple(int(x) for x in line.split()) for line in out.splitlines()]
+    tree, total = {pid}, 0
+    for _ in range(4):  # a few levels are plenty (tritonserver -> stub)
+        tree |= {p for p, pp, _ in rows if pp in tree}
+    total = sum(rss for p, _, rss in rows if p in tree)
+    return total / 1024
 
 
 async def _passthrough(settings: Settings, target: str, total: int) -> float:
@@ -293,6 +312,7 @@ def print_result(result: PipelineResult) -> None:
         ("ratio pipeline / bare", f"{result.ratio:.3f}"),
         ("inference sequences per event", f"{p.seq_per_event:.3f} (mean batch {p.mean_batch:.0f})"),
         ("CPU µs per event: worker / Triton", f"{p.worker_cpu_s / p.events * 1e6:,.0f} / {cpu_triton:,.0f}"),
+        ("RSS after the run: worker / Triton", f"{p.worker_rss_mb:,.0f} / {p.triton_rss_mb:,.0f} MiB"),
         ("naive: one request per event", f"{n.eps:,.0f} ev/s ({n.events:,} events)"),
         ("speed-up vs naive", f"{result.speedup:.1f}×"),
         (f"latency at {result.latency_rate:,.0f} ev/s (half rate)", latency),
