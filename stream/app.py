@@ -60,6 +60,7 @@ def create_app(settings: Settings) -> faust.App:
         table_standby_replicas=settings.worker_standby_replicas,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        producer_linger=settings.worker_producer_linger_ms / 1000,
         web_host=settings.worker_web_host,
         web_port=settings.worker_web_port or 6066,  # Faust validates the port even when the server is off
         web_enabled=settings.worker_web_port != 0,
