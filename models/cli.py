@@ -20,7 +20,7 @@ def train_command(
     seed: int = typer.Option(0),
     max_epochs: int = typer.Option(200),
     max_minutes: float = typer.Option(8.0, help="wall-clock cap (early stopping usually ends sooner)"),
-    fusion: bool = typer.Option(True, help="long-/short-term session fusion"),
+    fusion: bool = typer.Option(False, help="long-/short-term session fusion (off by default: see docs/model.md)"),
     session_pos: bool = typer.Option(True, help="session-distance attention bias"),
     time_gaps: bool = typer.Option(True, help="time-gap embeddings"),
     device: str = typer.Option("auto", help="auto = cuda when present, else cpu"),

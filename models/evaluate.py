@@ -26,7 +26,7 @@ VARIANTS: dict[str, dict[str, bool]] = {
     "sasrec": {"use_session_pos": False, "use_time_gaps": False, "use_fusion": False},
     "no_session_pos": {"use_session_pos": False},
     "no_time_gaps": {"use_time_gaps": False},
-    "no_fusion": {"use_fusion": False},
+    "with_fusion": {"use_fusion": True},  # fusion is off by default, so its ablation adds it
 }
 METRICS = ("ndcg10", "recall10", "mrr", "ns_recall20", "ns_ndcg20")
 KNN_DECAYS = (1.0, 0.95, 0.9, 0.8, 0.7, 0.5)

@@ -43,7 +43,7 @@ class ModelConfig:
     max_session_dist: int = 8  # session distances beyond share one attention bias
     use_session_pos: bool = True
     use_time_gaps: bool = True
-    use_fusion: bool = True
+    use_fusion: bool = False  # off: the ablation did not show it helping (docs/model-results.md)
 
     @classmethod
     def for_encoder(cls, enc: EncoderConfig, n_items: int, **kw) -> ModelConfig:

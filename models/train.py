@@ -36,7 +36,7 @@ class TrainConfig:
     dropout: float = 0.2
     use_session_pos: bool = True
     use_time_gaps: bool = True
-    use_fusion: bool = True
+    use_fusion: bool = False
     batch_size: int = 16  # small data: many small steps beat few large ones on CPU
     lr: float = 2e-3
     weight_decay: float = 0.0

@@ -38,7 +38,10 @@ def inputs(states: list[UserState]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v) for k, v in encode_batch(states, vocab, ENC).items()}
 
 
-@pytest.mark.parametrize("flags", [{}, {"use_fusion": False, "use_session_pos": False, "use_time_gaps": False}])
+SASREC = {"use_fusion": False, "use_session_pos": False, "use_time_gaps": False}
+
+
+@pytest.mark.parametrize("flags", [{}, {"use_fusion": True}, SASREC])
 def test_forward_contract(flags):
     model = tiny(**flags)
     x = inputs(histories())
@@ -54,8 +57,9 @@ def test_forward_contract(flags):
     assert cats.shape == (6, 4) and ((cats >= 0) & (cats <= 1)).all()
 
 
-def test_all_padding_batch_and_forward_equals_sequence_readout():
-    model = tiny()
+@pytest.mark.parametrize("fusion", [False, True])
+def test_all_padding_batch_and_forward_equals_sequence_readout(fusion: bool):
+    model = tiny(use_fusion=fusion)
     x = inputs(histories())
     with torch.no_grad():
         full = model.sequence_interests(**x)[:, -1]
@@ -65,9 +69,10 @@ def test_all_padding_batch_and_forward_equals_sequence_readout():
     assert torch.isfinite(empty).all() and torch.allclose(empty, model.cold_interest().expand(2, -1))
 
 
-def test_causal_and_blind_to_how_many_sessions_follow():
+@pytest.mark.parametrize("fusion", [False, True])
+def test_causal_and_blind_to_how_many_sessions_follow(fusion: bool):
     """Outputs at t ignore inputs after t; adding a session later (all session_pos + 1) changes nothing."""
-    model = tiny()
+    model = tiny(use_fusion=fusion)
     x = inputs(histories(4, seed=3))
     t = ENC.max_len - 6
     with torch.no_grad():
