@@ -61,6 +61,11 @@ def create_app(settings: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         producer_linger=settings.worker_producer_linger_ms / 1000,
+        # Faust's default max_poll_records is unbounded: one poll hands the whole prefetched backlog over, and a
+        # worker that takes longer than max_poll_interval to work through it is dropped from the group by aiokafka
+        # (found at 1M events: it left after 1000 s and never rejoined). Bounded polls keep it polling.
+        broker_max_poll_records=settings.worker_max_poll_records,
+        broker_max_poll_interval=settings.worker_max_poll_interval_s,
         web_host=settings.worker_web_host,
         web_port=settings.worker_web_port or 6066,  # Faust validates the port even when the server is off
         web_enabled=settings.worker_web_port != 0,

@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     # (the ingest profile showed ~1 request per write, ~15% of the worker's time); a few ms coalesces them.
     worker_producer_linger_ms: int = Field(5, ge=0, le=1000)
     worker_log_level: str = "info"
+    worker_max_poll_records: int = Field(1000, ge=1, description="records per consumer poll (bounded: see app.py)")
+    worker_max_poll_interval_s: float = Field(1000.0, gt=0, description="a worker not polling this long leaves")
     worker_standby_replicas: int = Field(1, ge=0, description="Faust standby copies of each table partition")
     metrics_port: int = Field(9108, ge=0, le=65535)
 

@@ -261,6 +261,24 @@ def test_c_two_workers_split_the_partitions_and_hold_every_user_once(
             assert all(key_partition(k, n) == p for k in values), f"a key outside its partition in {p}"
 
 
+def test_a_backlog_longer_than_the_poll_interval_keeps_the_worker_in_its_group(
+    make_settings: Callable[..., Settings], start_worker: Callable[..., Worker]
+) -> None:
+    """Regression: with Faust's unbounded max_poll_records, one poll handed the worker the whole prefetched
+    backlog; working through it took longer than max_poll_interval, aiokafka left the group and the worker
+    stalled for good (the 1M-event benchmark stopped after 1000 s). A 5 s interval makes it show in seconds."""
+    settings = make_settings(tables=(TABLE,), worker_max_poll_interval_s=5.0)
+    valid = synthetic_events(500, 40_000, seed=41)
+    expected = expected_states(valid, settings)
+    run_sync(publish(settings, mix_malformed(valid), progress=False))  # the backlog is there before the worker
+    worker = start_worker(settings, name="backlog")
+    process_all(settings, [worker], expected)
+    assert_healthy(worker)
+    assert "LeaveGroup" not in worker.log_text(), "the worker left its group while working through the backlog"
+    assert len(worker.assignments(settings.topic_events)) == 1, "the group rebalanced during the run"
+    stop_cleanly(worker)
+
+
 # --- (d) malformed messages -----------------------------------------------------------------------------------
 
 
