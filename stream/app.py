@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import time
 import weakref
 from collections.abc import Sequence
@@ -273,8 +274,13 @@ async def check_inference(settings: Settings) -> None:
         await client.close()
 
 
-def run_worker(settings: Settings) -> None:
-    """Run one worker until SIGTERM/SIGINT; a clean stop leaves the consumer group at once."""
+def run_worker(settings: Settings, *, hard_exit: bool = True) -> None:
+    """Run one worker until SIGTERM/SIGINT; a clean stop leaves the consumer group at once.
+
+    `hard_exit`: end the process with `os._exit` once Faust's shutdown is done (tables closed, producer flushed,
+    group left). A non-daemon thread Faust sometimes leaves behind otherwise kept the process alive after
+    "Closing event loop" (seen in the demo test and the benchmark), so a supervisor's SIGTERM never finished.
+    """
     from prometheus_client import start_http_server
 
     if settings.triton_url:
@@ -284,7 +290,22 @@ def run_worker(settings: Settings) -> None:
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
     worker = faust.Worker(app, loglevel=settings.worker_log_level.upper(), override_logging=True)
-    worker.execute_from_commandline()
+    code = 1
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        if not hard_exit:
+            raise
+    except BaseException:
+        log.exception("worker crashed")
+        if not hard_exit:
+            raise
+    if hard_exit:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
 
 
 def _version() -> str:

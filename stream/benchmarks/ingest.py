@@ -31,7 +31,7 @@ from stream.app import run_worker
 from stream.settings import Settings
 profile = cProfile.Profile()
 try:
-    profile.runcall(run_worker, Settings())
+    profile.runcall(run_worker, Settings(), hard_exit=False)
 except SystemExit:
     pass
 finally:
