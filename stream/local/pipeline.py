@@ -33,8 +33,8 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from stream.local.broker import LocalBroker, ensure_topics, free_port
-from stream.local.triton import LocalTriton, _die_with_parent
-from stream.local.worker import settings_env, worker_command
+from stream.local.triton import LocalTriton
+from stream.local.worker import settings_env, spawn_worker
 from stream.settings import Settings
 
 TABLES = ("user_state", "user_interest")
@@ -63,19 +63,7 @@ class WorkerProcess:
         return f"http://127.0.0.1:{self.settings.worker_web_port}/health"
 
     def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            # cwd = the work dir: a developer's .env in the checkout must not reconfigure the child.
-            self.proc = subprocess.Popen(
-                worker_command(),
-                env=self.env,
-                cwd=self.log_path.parent,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
+        self.proc = spawn_worker(self.env, self.log_path, die_with_parent=True)
 
     def log_tail(self, lines: int = 30) -> str:
         try:

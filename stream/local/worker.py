@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,3 +41,25 @@ def worker_command() -> list[str]:
     if script.exists():
         return [str(script), "worker"]
     return [sys.executable, "-c", "from stream.cli import app; app()", "worker"]
+
+
+def spawn_worker(env: Mapping[str, str], log_path: Path, *, die_with_parent: bool = False) -> subprocess.Popen[bytes]:
+    """Start `interest-stream worker` with exactly `env`, stdout and stderr appended to `log_path`.
+
+    cwd is the log's folder, so a developer's `.env` in the checkout never configures the child; a new session,
+    so a Ctrl-C meant for the caller reaches the child only through the caller's own clean stop.
+    """
+    from stream.local.triton import _die_with_parent
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            worker_command(),
+            env=dict(env),
+            cwd=log_path.parent,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if die_with_parent else None,
+        )
