@@ -46,8 +46,15 @@ def pipeline_settings(make: Callable[..., Settings], export: Any, triton_url: st
     )
 
 
-def assert_parity(settings: Settings, export: Any, events: list[Event]) -> dict[str, list[int]]:
-    """Last record per user == offline model output; per-user seq never goes back and skips none."""
+def assert_parity(
+    settings: Settings, export: Any, events: list[Event], *, exact_counts: bool = True
+) -> dict[str, list[int]]:
+    """Last record per user == offline model output; per-user seq never goes back and skips none.
+
+    `exact_counts=False` after a crash: events replayed from the last committed offset are recognised only
+    while they are still retained, so a replayed event that the bound had already evicted counts again in
+    `events_seen` / `sessions_seen` (docs/output.md). The retained history, and so the model's output, is exact.
+    """
     import onnxruntime as ort
 
     from models.encoding import encode_batch
@@ -76,8 +83,11 @@ def assert_parity(settings: Settings, export: Any, events: list[Event]) -> dict[
                     session.run(None, encode_batch(states, bundle.vocab, bundle.encoder)), strict=True))  # fmt: skip
     for i, user in enumerate(users):
         rec, state = last[user], states[i]
-        assert rec.events_seen == state.events_seen and rec.last_event_ms == state.ts[-1]
-        assert rec.sessions == len(state.starts) and rec.sessions_seen == state.sessions_seen
+        assert rec.last_event_ms == state.ts[-1] and rec.sessions == len(state.starts)
+        if exact_counts:
+            assert rec.events_seen == state.events_seen and rec.sessions_seen == state.sessions_seen
+        else:
+            assert rec.events_seen >= state.events_seen and rec.sessions_seen >= state.sessions_seen
         np.testing.assert_allclose(rec.interest, want["interest"][i], atol=1e-4, err_msg=f"user {user}")
         got_scores = np.array([s.score for s in rec.top_items])
         np.testing.assert_allclose(got_scores, want["top_scores"][i], atol=1e-4, err_msg=f"user {user}")
@@ -178,7 +188,7 @@ def test_sigkill_between_state_update_and_publish_loses_nothing(
         broker = LocalBroker(tmp_path / "broker", port=port).start()
         worker = start_worker(settings, name="restarted")
         wait_caught_up(settings, [worker], timeout_s=300)
-        seqs = assert_parity(settings, ml_export, events)
+        seqs = assert_parity(settings, ml_export, events, exact_counts=False)
         repeats = sum(len(s) - len(set(s)) for s in seqs.values())
         if point == "after_publish":
             assert repeats > 0, "records published before the kill are published again (same seq) after it"
