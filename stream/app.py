@@ -14,10 +14,12 @@ is inferred and published again (the same `seq`: consumers drop the repeat).
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Sequence
@@ -278,8 +280,9 @@ def run_worker(settings: Settings, *, hard_exit: bool = True) -> None:
     """Run one worker until SIGTERM/SIGINT; a clean stop leaves the consumer group at once.
 
     `hard_exit`: end the process with `os._exit` once Faust's shutdown is done (tables closed, producer flushed,
-    group left). A non-daemon thread Faust sometimes leaves behind otherwise kept the process alive after
-    "Closing event loop" (seen in the demo test and the benchmark), so a supervisor's SIGTERM never finished.
+    group left). The process sometimes stayed alive after Faust logged "Closing event loop" (seen in the demo
+    test under load and in a benchmark), so a supervisor's SIGTERM never finished; `Worker` also puts a
+    deadline on the shutdown itself and dumps every thread's stack if it is missed.
     """
     from prometheus_client import start_http_server
 
@@ -289,7 +292,7 @@ def run_worker(settings: Settings, *, hard_exit: bool = True) -> None:
     metrics.BUILD_INFO.info({"worker_version": _version(), **_model_info(settings)})
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
-    worker = faust.Worker(app, loglevel=settings.worker_log_level.upper(), override_logging=True)
+    worker = Worker(app, loglevel=settings.worker_log_level.upper(), override_logging=True)
     code = 1
     try:
         worker.execute_from_commandline()
@@ -302,10 +305,29 @@ def run_worker(settings: Settings, *, hard_exit: bool = True) -> None:
         if not hard_exit:
             raise
     if hard_exit:
-        logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         os._exit(code)
+
+
+class Worker(faust.Worker):
+    """Faust's worker with a deadline on its shutdown (see `run_worker`). Named `Worker` because mode logs the
+    class name and readiness checks look for "[^Worker]: Ready"."""
+
+    shutdown_deadline_s = 30.0
+
+    def on_worker_shutdown(self) -> None:
+        super().on_worker_shutdown()
+        threading.Thread(target=self._exit_if_still_here, name="shutdown-deadline", daemon=True).start()
+
+    def _exit_if_still_here(self) -> None:
+        time.sleep(self.shutdown_deadline_s)
+        closed = self.loop.is_closed()  # after "Closing event loop" every service has stopped cleanly
+        sys.stderr.write(f"worker shutdown still running after {self.shutdown_deadline_s:.0f} s (event loop "
+                         f"closed: {closed}); thread stacks follow, then exit\n")  # fmt: skip
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(0 if closed else 1)
 
 
 def _version() -> str:

@@ -32,7 +32,16 @@ def test_demo_runs_end_to_end_and_stops_everything_on_ctrl_c(ml_export: Any, tmp
     cmd = [sys.executable, "-c", "from stream.cli import app; app()", "demo", "--artifacts", str(artifacts),
            "--work-dir", str(work), "--users", "40", "--keep-running"]  # fmt: skip
     env = os.environ | {"COLUMNS": "160", "TERM": "dumb"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    # A shell's background job ignores SIGINT and Python keeps an inherited SIG_IGN: give the demo a terminal's
+    # default Ctrl-C whatever runs the tests (`make test &` hung here before).
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     lines: list[str] = []
     try:
         deadline = time.monotonic() + 300
