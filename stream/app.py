@@ -280,9 +280,9 @@ def run_worker(settings: Settings, *, hard_exit: bool = True) -> None:
     """Run one worker until SIGTERM/SIGINT; a clean stop leaves the consumer group at once.
 
     `hard_exit`: end the process with `os._exit` once Faust's shutdown is done (tables closed, producer flushed,
-    group left). The process sometimes stayed alive after Faust logged "Closing event loop" (seen in the demo
-    test under load and in a benchmark), so a supervisor's SIGTERM never finished; `Worker` also puts a
-    deadline on the shutdown itself and dumps every thread's stack if it is missed.
+    group left). A worker in a benchmark stayed alive after Faust logged "Closing event loop", so the SIGTERM
+    never finished; `Worker` also puts a deadline on the shutdown itself and dumps every thread's stack if it
+    is missed, so the next such hang says where it is.
     """
     from prometheus_client import start_http_server
 
