@@ -158,21 +158,10 @@ def _worker(
 
     Returns (events/s, seconds, worker CPU seconds, serialized sizes of the final states).
     """
-    from stream.local.worker import settings_env, worker_command
+    from stream.local.worker import settings_env, spawn_worker
 
-    command = worker_command()
-    if profile is not None:
-        command = [sys.executable, "-c", _PROFILED_WORKER, str(Path(profile).absolute())]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            command,
-            env=settings_env(settings),
-            cwd=log_path.parent,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    command = None if profile is None else [sys.executable, "-c", _PROFILED_WORKER, str(Path(profile).absolute())]
+    proc = spawn_worker(settings_env(settings), log_path, command=command)
     try:
         url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
         deadline = time.monotonic() + timeout_s

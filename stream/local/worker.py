@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -43,8 +43,10 @@ def worker_command() -> list[str]:
     return [sys.executable, "-c", "from stream.cli import app; app()", "worker"]
 
 
-def spawn_worker(env: Mapping[str, str], log_path: Path, *, die_with_parent: bool = False) -> subprocess.Popen[bytes]:
-    """Start `interest-stream worker` with exactly `env`, stdout and stderr appended to `log_path`.
+def spawn_worker(
+    env: Mapping[str, str], log_path: Path, *, die_with_parent: bool = False, command: Sequence[str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start `interest-stream worker` (or `command`) with exactly `env`, stdout and stderr appended to `log_path`.
 
     cwd is the log's folder, so a developer's `.env` in the checkout never configures the child; a new session,
     so a Ctrl-C meant for the caller reaches the child only through the caller's own clean stop.
@@ -54,7 +56,7 @@ def spawn_worker(env: Mapping[str, str], log_path: Path, *, die_with_parent: boo
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            worker_command(),
+            list(command or worker_command()),
             env=dict(env),
             cwd=log_path.parent,
             stdin=subprocess.DEVNULL,
