@@ -268,7 +268,7 @@ def test_a_backlog_longer_than_the_poll_interval_keeps_the_worker_in_its_group(
     backlog; working through it took longer than max_poll_interval, aiokafka left the group and the worker
     stalled for good (the 1M-event benchmark stopped after 1000 s). A 5 s interval makes it show in seconds."""
     settings = make_settings(tables=(TABLE,), worker_max_poll_interval_s=5.0)
-    valid = synthetic_events(500, 40_000, seed=41)
+    valid = synthetic_events(1_000, 120_000, seed=41)  # 15-40 s of work at 3-7k ev/s: well past 5 s
     expected = expected_states(valid, settings)
     run_sync(publish(settings, mix_malformed(valid), progress=False))  # the backlog is there before the worker
     worker = start_worker(settings, name="backlog")
