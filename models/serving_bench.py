@@ -73,17 +73,28 @@ def _measure(call: Callable[[], object], batch: int, seconds: float, cpu: Callab
 
 def process_tree_cpu_s(pid: int) -> float:
     """User + system CPU seconds of `pid` and its descendants (Linux /proc), e.g. tritonserver and its stubs."""
-    tick, total, todo = os.sysconf("SC_CLK_TCK"), 0.0, [pid]
+    tick = os.sysconf("SC_CLK_TCK")
+    return sum((int(f[11]) + int(f[12])) / tick for f in _tree_stats(pid))  # utime, stime
+
+
+def process_tree_rss_mib(pid: int) -> float:
+    """Resident memory of `pid` and its descendants (Linux /proc), MiB."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    return sum(int(f[21]) * page for f in _tree_stats(pid)) / 2**20  # rss, in pages
+
+
+def _tree_stats(pid: int) -> list[list[str]]:
+    """The /proc/<pid>/stat fields after the command name, for `pid` and every descendant still alive."""
+    out, todo = [], [pid]
     while todo:
         p = todo.pop()
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            out.append(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split())
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
         except (FileNotFoundError, ProcessLookupError):
             continue
-    return total
+    return out
 
 
 def ort_session(onnx_path: Path | str, threads: int):

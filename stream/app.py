@@ -293,21 +293,20 @@ def run_worker(settings: Settings, *, hard_exit: bool = True) -> None:
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
     worker = Worker(app, loglevel=settings.worker_log_level.upper(), override_logging=True)
-    code = 1
+    if not hard_exit:
+        worker.execute_from_commandline()  # ends in SystemExit
+        return
+    code = 0
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-        if not hard_exit:
-            raise
     except BaseException:
         log.exception("worker crashed")
-        if not hard_exit:
-            raise
-    if hard_exit:
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        os._exit(code)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 class Worker(faust.Worker):

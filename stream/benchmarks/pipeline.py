@@ -163,7 +163,7 @@ def run(
 
 def _saturate(pipe: LocalPipeline, total: int, timeout_s: float = 3600.0) -> Saturation:
     """Time the worker from its first handled event until all `total` are handled and published."""
-    from models.serving_bench import process_tree_cpu_s
+    from models.serving_bench import process_tree_cpu_s, process_tree_rss_mib
 
     worker, triton_pid = pipe.workers[0], pipe.pids["triton"]
     url = pipe.metrics_url
@@ -192,24 +192,9 @@ def _saturate(pipe: LocalPipeline, total: int, timeout_s: float = 3600.0) -> Sat
         batches=now.batches - first.batches,
         worker_cpu_s=cpu_end[0] - cpu_first[0],
         triton_cpu_s=cpu_end[1] - cpu_first[1],
-        worker_rss_mb=_rss_mb(worker.pid),
-        triton_rss_mb=_rss_mb(triton_pid),
+        worker_rss_mb=process_tree_rss_mib(worker.pid),
+        triton_rss_mb=process_tree_rss_mib(triton_pid),
     )
-
-
-def _rss_mb(pid: int | None) -> float:
-    """Resident memory of a process and its children (Triton's python stub is a child), MiB."""
-    import subprocess
-
-    if pid is None:
-        return 0.0
-    out = subprocess.run(["ps", "-eo", "pid=,ppid=,rss="], capture_output=True, text=True, check=True).stdout
-    rows = [tuple(int(x) for x in line.split()) for line in out.splitlines()]
-    tree, total = {pid}, 0
-    for _ in range(4):  # a few levels are plenty (tritonserver -> stub)
-        tree |= {p for p, pp, _ in rows if pp in tree}
-    total = sum(rss for p, _, rss in rows if p in tree)
-    return total / 1024
 
 
 async def _passthrough(settings: Settings, target: str, total: int) -> float:
