@@ -17,9 +17,9 @@ demo: install
 	$(VENV)/bin/interest-stream demo
 
 test: install
-	$(VENV)/bin/ruff check stream models tests
+	$(VENV)/bin/ruff check core stream models local tests
 	$(PY) -m pytest
 
 lint: install
-	$(VENV)/bin/ruff check stream models tests
-	$(VENV)/bin/ruff format --check stream models tests
+	$(VENV)/bin/ruff check core stream models local tests
+	$(VENV)/bin/ruff format --check core stream models local tests

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from models.encoding import Vocabulary
-from stream.sessions import UserState
+from core.encoding import Vocabulary
+from core.sessions import UserState
 
 
 def interactions(states: Sequence[UserState], vocab: Vocabulary) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Per-user sessionized histories from the real data sets, and the deterministic evaluation split.
 
-Sessions come from `stream.sessions.state_from_events` (the worker's own fold) with bounds large enough to keep
+Sessions come from `core.sessions.state_from_events` (the worker's own fold) with bounds large enough to keep
 every event: offline we keep the full history and the encoder keeps the most recent `max_len` events.
 
 Split (one per data set, no randomness): for a user with two or more sessions the *last session* is held out,
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.encoding import Vocabulary
+from core.sessions import SessionConfig, UserState, state_from_events
 from models.datasets import by_user, data_dir, movielens_dir, movielens_events, movielens_movies, otto_events
-from models.encoding import Vocabulary
-from stream.sessions import SessionConfig, UserState, state_from_events
 
 #: Keep everything offline (the worker's bounds are far smaller; the encoder's window is what the model sees).
 HISTORY = SessionConfig(max_events=10**9, max_sessions=10**9)

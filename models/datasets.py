@@ -1,4 +1,4 @@
-"""Raw loaders for the shipped real data sets, as `stream.events.Event`s (torch-free).
+"""Raw loaders for the shipped real data sets, as `core.schema.Event`s (torch-free).
 
 The data lives outside the repository in `../shared/data/` (override with `INTEREST_DATA_DIR`); it is read
 in place and never copied. Producers (`interest-stream replay`), training and the tests all read events
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from stream.events import Event
+from core.schema import Event
 
 _OTTO_TYPES = {"clicks": "click", "carts": "cart", "orders": "order"}
 

@@ -31,8 +31,7 @@ from google.protobuf import text_format
 from torch import Tensor, nn
 from tritonclient.grpc import model_config_pb2 as mc
 
-from models.encoding import INPUT_NAMES, PAD, EncoderConfig, Vocabulary
-from models.serving_bench import example_inputs
+from core.encoding import INPUT_NAMES, PAD, EncoderConfig, Vocabulary, example_inputs
 
 MODEL_NAME = "interest_transformer"
 OUTPUT_NAMES = ("interest", "top_items", "top_scores", "category_scores")
@@ -233,7 +232,7 @@ def export_repository(
     for d, kind in ((prod_model, "production"), (twin_model, "twin")):
         config = spec.config(kind, twin_threads)  # type: ignore[arg-type]
         (d / "config.pbtxt").write_text(text_format.MessageToString(config))
-        ckpt.vocab.save(d / "vocab.json")
+        (d / "vocab.json").write_text(ckpt.vocab.to_json())
         (d / "categories.json").write_text(json.dumps(list(ckpt.categories)))
         (d / "metadata.json").write_text(json.dumps({**meta, "repository": kind}, indent=2, default=str))
     return ExportResult(out, twin, onnx_path, meta)

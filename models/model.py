@@ -1,4 +1,4 @@
-"""The cross-session interest Transformer (inputs from `models.encoding`, one user history per row).
+"""The cross-session interest Transformer (inputs from `core.encoding`, one user history per row).
 
 Item + event-type + time-gap + recency-position embeddings feed pre-LN causal self-attention blocks. Sessions
 enter twice, both *relative* to the attending position, so a causal model can be trained at every position
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.encoding import N_EVENT_TYPES, OOV, PAD, EncoderConfig
+from core.encoding import N_EVENT_TYPES, OOV, PAD, EncoderConfig
 
 _NEG = -1e9  # finite: a fully masked row stays a number
 

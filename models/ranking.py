@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from models.encoding import OOV, PAD, Vocabulary
-from stream.sessions import UserState
+from core.encoding import OOV, PAD, Vocabulary
+from core.sessions import UserState
 
 
 def seen_mask(states: Sequence[UserState], vocab: Vocabulary) -> np.ndarray:

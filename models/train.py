@@ -18,11 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.encoding import PAD, EncoderConfig, Vocabulary, encode_batch
+from core.sessions import UserState
 from models.data import Dataset, Split, load, prefix, split
-from models.encoding import PAD, EncoderConfig, Vocabulary, encode_batch
 from models.model import InterestTransformer, ModelConfig
 from models.ranking import next_item_metrics, next_session_metrics, seen_mask
-from stream.sessions import UserState
 
 
 @dataclass
@@ -221,7 +221,7 @@ def save(ckpt: Checkpoint, out: Path, history: dict[str, list[float]]) -> None:
         },
         out / "checkpoint.pt",
     )
-    ckpt.vocab.save(out / "vocab.json")
+    (out / "vocab.json").write_text(ckpt.vocab.to_json())
     (out / "categories.json").write_text(json.dumps(ckpt.categories))
     (out / "metrics.json").write_text(json.dumps({**ckpt.metadata, "history": history}, indent=2))
     plot_curve(history, out / "train_curve.png")

@@ -1,4 +1,6 @@
-"""Triton inference for the worker: one gRPC channel, timeouts, retries with back-off, a circuit breaker.
+"""Triton inference for the worker: user states in, interest records out.
+
+One gRPC channel, timeouts, retries with back-off, a circuit breaker.
 
 The worker never loses an update to a Triton outage: `InterestClient.infer` retries until it succeeds (with
 exponential back-off, and no calls at all while the breaker is open), so the calling agent simply waits and
@@ -21,13 +23,16 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from tritonclient.grpc import aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from models.encoding import INPUT_NAMES, EncoderConfig, Vocabulary
+from core.encoding import INPUT_NAMES, EncoderConfig, Vocabulary, encode_batch
+from core.schema import InterestRecord, ModelRef, Scored, encode_record
+from core.sessions import UserState
 from stream import metrics
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
 
 OUTPUT_NAMES = ("interest", "top_items", "top_scores", "category_scores")
+TOP_CATEGORIES = 5
 _NUMPY_TO_TRITON = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
 
 
@@ -57,7 +62,7 @@ class ModelBundle:
         return cls(
             name=md["model_name"],
             version=str(md["model_version"]),
-            vocab=Vocabulary.load(model_dir / "vocab.json"),
+            vocab=Vocabulary.from_json((model_dir / "vocab.json").read_text()),
             categories=list(json.loads((model_dir / "categories.json").read_text())),
             encoder=EncoderConfig.from_dict(md["encoder_config"]),
             metadata=md,
@@ -212,3 +217,58 @@ def interface_problems(model_metadata: dict[str, Any], bundle: ModelBundle) -> l
         ):
             problems.append(f"output {name}: {t['datatype']}{t['shape']} != {want['datatype']}[-1, {want['dims']}]")
     return problems
+
+
+class InterestModel:
+    """The model as the batch step sees it: user states in, encoded interest records out.
+
+    The Triton client is created on first use, so on the worker's own event loop."""
+
+    def __init__(self, settings: Settings, bundle: ModelBundle) -> None:
+        self.settings, self.bundle = settings, bundle
+        self.client: InterestClient | None = None
+
+    @classmethod
+    def load(cls, settings: Settings) -> InterestModel:
+        return cls(settings, ModelBundle.load(settings.model_dir))
+
+    @property
+    def breaker_open(self) -> bool:
+        return self.client is not None and self.client.breaker.is_open
+
+    async def records(self, users: list[str], states: list[UserState]) -> list[bytes]:
+        if self.client is None:
+            self.client = InterestClient(self.settings, self.bundle)
+        outputs = await self.client.infer(encode_batch(states, self.bundle.vocab, self.bundle.encoder))
+        return [encode_record(r) for r in build_records(users, states, outputs, self.bundle)]
+
+
+def build_records(
+    users: list[str], states: list[UserState], outputs: dict[str, np.ndarray], bundle: ModelBundle
+) -> list[InterestRecord]:
+    """One record per user from a batch of model outputs; `states` already carry the new `seq`."""
+    now = int(time.time() * 1000)
+    model = ModelRef(bundle.name, bundle.version)
+    interest = outputs["interest"].astype(np.float32).tolist()
+    items, item_scores = outputs["top_items"].tolist(), outputs["top_scores"].astype(np.float32).tolist()
+    cat_scores = outputs["category_scores"].astype(np.float32)
+    top_cats = np.argsort(-cat_scores, axis=1, kind="stable")[:, :TOP_CATEGORIES].tolist()
+    names, vocab = bundle.categories, bundle.vocab
+    records = []
+    for i, (user, state) in enumerate(zip(users, states, strict=True)):
+        records.append(
+            InterestRecord(
+                user_id=user,
+                seq=state.seq,
+                interest=interest[i],
+                top_categories=[Scored(names[c], float(cat_scores[i, c])) for c in top_cats[i]],
+                top_items=[Scored(vocab.item(ix) or "", s) for ix, s in zip(items[i], item_scores[i], strict=True)],
+                sessions=len(state.starts),
+                sessions_seen=state.sessions_seen,
+                events_seen=state.events_seen,
+                last_event_ms=state.ts[-1] if state.ts else 0,
+                model=model,
+                computed_at_ms=now,
+            )
+        )
+    return records

@@ -1,14 +1,14 @@
 """Prometheus metrics of the worker. Every metric is documented in docs/metrics.md.
 
 Labels are bounded sets only (event type is folded to the known types + "other", reasons come from
-`stream.events.REASONS`, Triton codes from gRPC status names); user ids never appear in a label.
+`core.schema.REASONS`, Triton codes from gRPC status names); user ids never appear in a label.
 """
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, Info
 
-from stream.events import KNOWN_EVENT_TYPES
+from core.schema import KNOWN_EVENT_TYPES
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -39,7 +39,7 @@ CIRCUIT_OPEN = Gauge("interest_triton_circuit_open", "1 while the Triton circuit
 OUTPUTS_PUBLISHED = Counter("interest_outputs_published_total", "Interest records published to the output topic.")
 EVENT_TO_OUTPUT_SECONDS = Histogram(
     "interest_event_to_output_seconds",
-    "From an event's arrival at the worker to its user's published update (processing time).",
+    "From an event's Kafka record timestamp (when it was produced) to its user's published update.",
     buckets=_LATENCY_BUCKETS,
 )
 EVENT_TIME_LAG_SECONDS = Histogram(

@@ -8,12 +8,12 @@ checked against `Settings.model_fields` by the tests, so a typo there fails CI i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from stream.sessions import SessionConfig
+from core.sessions import SessionConfig
 
 
 class Settings(BaseSettings):
@@ -75,11 +75,6 @@ class Settings(BaseSettings):
     worker_standby_replicas: int = Field(1, ge=0, description="Faust standby copies of each table partition")
     metrics_port: int = Field(9108, ge=0, le=65535)
 
-    # --- Fault injection, for the no-lost-update tests only: SIGKILL the worker at this point of the publish path
-    # once it has published `fault_kill_after_outputs` records.
-    fault_kill_at: Literal["", "before_publish", "after_publish"] = ""
-    fault_kill_after_outputs: int = Field(0, ge=0)
-
     @property
     def topic_dlq(self) -> str:
         return f"{self.topic_events}-dlq"
@@ -113,3 +108,20 @@ class Settings(BaseSettings):
                 keyfile=str(self.kafka_ssl_keyfile) if self.kafka_ssl_keyfile else None,
             )
         return kwargs
+
+    def faust_credentials(self) -> Any:
+        """The same SASL / TLS settings as Faust credentials (None for PLAINTEXT)."""
+        import faust
+
+        kwargs = self.kafka_client_kwargs()
+        ssl_context = kwargs.get("ssl_context")
+        if self.kafka_sasl_mechanism:
+            return faust.SASLCredentials(
+                username=self.kafka_sasl_username,
+                password=kwargs["sasl_plain_password"],
+                mechanism=self.kafka_sasl_mechanism,
+                ssl_context=ssl_context,
+            )
+        if ssl_context is not None:
+            return faust.SSLCredentials(ssl_context)
+        return None

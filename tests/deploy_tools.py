@@ -1,4 +1,4 @@
-"""Helpers for tests/test_deploy.py: a PromQL metric-name extractor, a tiny kustomize renderer, the
+"""Helpers for tests/test_deploy.py: a PromQL metric-name extractor, the
 worker's exported metric names, and JSON schemas for the CRDs that kubernetes-validate has no schema for.
 
 Kept dependency-free (PyYAML and jsonschema come with kubernetes-validate) so the deployment checks run
@@ -7,12 +7,9 @@ offline on a clean clone.
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,107 +155,6 @@ def promql_metric_names(expr: str) -> set[str]:
         else:
             i += 1
     return names
-
-
-# ---------------------------------------------------------------------------------------------------------
-# A tiny kustomize: the subset of kustomization.yaml that deploy/k8s uses, rendered in Python so the
-# overlays can be schema-checked without kubectl. Anything outside the subset is an error, not ignored.
-
-KUSTOMIZE_KEYS = {"apiVersion", "kind", "namespace", "resources", "images", "replicas", "patches"}
-#: Strategic-merge keys of the list fields the patches touch (from the Kubernetes API's patchMergeKey).
-_MERGE_KEYS = {
-    "containers": "name",
-    "initContainers": "name",
-    "env": "name",
-    "volumes": "name",
-    "volumeMounts": "mountPath",
-    "imagePullSecrets": "name",
-}
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "StorageClass"}
-
-
-def load_yaml_documents(path: Path) -> list[dict[str, Any]]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
-
-
-def _merge_list(field: str, base: list[Any], patch: list[Any]) -> list[Any]:
-    key = _MERGE_KEYS.get(field)
-    if field == "ports" and all(isinstance(p, dict) for p in base + patch):
-        key = "containerPort" if any("containerPort" in p for p in base + patch) else "port"
-    if key is None:
-        return copy.deepcopy(patch)  # lists without a merge key are replaced, as in kustomize
-    # Same order as kustomize: the patch's items (merged into their base item where one exists), then the
-    # base items the patch does not mention.
-    by_key = {item.get(key): item for item in base}
-    patch_keys = {item.get(key) for item in patch}
-    merged = [strategic_merge(by_key[i.get(key)], i) if i.get(key) in by_key else copy.deepcopy(i) for i in patch]
-    return merged + [copy.deepcopy(item) for item in base if item.get(key) not in patch_keys]
-
-
-def strategic_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in patch.items():
-        if key.startswith("$patch") or key.startswith("$setElementOrder"):
-            raise ValueError(f"patch directive {key} is not supported by tests/deploy_tools.py")
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = strategic_merge(out[key], value)
-        elif isinstance(value, list) and isinstance(out.get(key), list):
-            out[key] = _merge_list(key, out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def _pod_spec(doc: dict[str, Any]) -> dict[str, Any] | None:
-    return doc.get("spec", {}).get("template", {}).get("spec") if isinstance(doc.get("spec"), dict) else None
-
-
-def kustomize_build(directory: Path) -> list[dict[str, Any]]:
-    """Render a kustomization directory (resources, patches, namespace, images, replicas)."""
-    kust = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    unknown = set(kust) - KUSTOMIZE_KEYS
-    if unknown:
-        raise ValueError(f"{directory}: kustomization keys {sorted(unknown)} are not supported by the test renderer")
-    docs: list[dict[str, Any]] = []
-    for ref in kust.get("resources", []):
-        path = directory / ref
-        docs += kustomize_build(path) if path.is_dir() else load_yaml_documents(path)
-    for entry in kust.get("patches", []):
-        if set(entry) != {"path"}:
-            raise ValueError(f"{directory}: only `patches: - path: FILE` is supported, got {entry}")
-        for patch in load_yaml_documents(directory / entry["path"]):
-            targets = [
-                i
-                for i, d in enumerate(docs)
-                if d["kind"] == patch["kind"] and d["metadata"]["name"] == patch["metadata"]["name"]
-            ]
-            if len(targets) != 1:
-                raise ValueError(
-                    f"{directory}: patch {patch['kind']}/{patch['metadata']['name']} matches {len(targets)}"
-                )
-            docs[targets[0]] = strategic_merge(docs[targets[0]], patch)
-    for image in kust.get("images", []):
-        for doc in docs:
-            pod = _pod_spec(doc)
-            for container in (pod or {}).get("containers", []) + (pod or {}).get("initContainers", []):
-                name, _, tag = container["image"].partition(":")
-                if name == image["name"]:
-                    container["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag or 'latest')}"
-    for rep in kust.get("replicas", []):
-        matched = [
-            d for d in docs if d["metadata"]["name"] == rep["name"] and d["kind"] in {"Deployment", "StatefulSet"}
-        ]
-        if not matched:
-            raise ValueError(f"{directory}: replicas entry {rep['name']} matches nothing")
-        for doc in matched:
-            doc["spec"]["replicas"] = rep["count"]
-    if "namespace" in kust:
-        for doc in docs:
-            if doc["kind"] not in CLUSTER_SCOPED:
-                doc["metadata"]["namespace"] = kust["namespace"]
-    return docs
 
 
 # ---------------------------------------------------------------------------------------------------------

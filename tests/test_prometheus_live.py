@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -18,10 +17,10 @@ from typing import Any
 import pytest
 import yaml
 
-from stream.local.broker import free_port
-from stream.local.pipeline import LocalPipeline
-from stream.output import decode_record
-from stream.replay import replay
+from core.schema import decode_record
+from local.pipeline import LocalPipeline
+from local.process import Supervised, free_port
+from local.replay import replay
 from tests.fixtures.worker import read_topic, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.triton]
@@ -43,34 +42,20 @@ class Prometheus:
         (root / "targets").mkdir()
         (root / "targets" / "workers.yml").write_text(yaml.safe_dump([{"targets": workers}]))
         (root / "targets" / "triton.yml").write_text(yaml.safe_dump([{"targets": [triton]}]))
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.process: Supervised | None = None
 
     def start(self) -> Prometheus:
         prometheus = shutil.which("prometheus")
         assert prometheus, "Debian's prometheus package is missing: `bash scripts/setup.sh` installs it"
-        with open(self.root / "prometheus.log", "wb") as log:
-            self.proc = subprocess.Popen(
-                [prometheus, f"--config.file={self.root / 'prometheus.yml'}",
-                 f"--storage.tsdb.path={self.root / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}"],
-                cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        wait_for(self._ready, 60, "prometheus to be ready")
+        cmd = [prometheus, f"--config.file={self.root / 'prometheus.yml'}", f"--storage.tsdb.path={self.root / 'data'}",
+               f"--web.listen-address=127.0.0.1:{self.port}"]  # fmt: skip
+        self.process = Supervised("prometheus", cmd, self.root / "prometheus.log", cwd=self.root).start()
+        self.process.wait_until(lambda: self._get("/-/ready") is not None, 60, "ready")
         return self
 
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"prometheus exited: {(self.root / 'prometheus.log').read_text()[-2000:]}")
-        return self._get("/-/ready") is not None
-
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        if self.process is not None:
+            self.process.stop()
 
     def _get(self, path: str) -> bytes | None:
         try:
@@ -138,7 +123,7 @@ def test_real_prometheus_sees_what_the_worker_did(pipeline: LocalPipeline, tmp_p
 
 def _outputs_when_done(pipe: LocalPipeline, sent: int) -> list[Any] | None:
     """The output records once the worker has handled every event and nothing waits for inference."""
-    from stream.local.scrape import Snapshot
+    from local.scrape import Snapshot
 
     snap = Snapshot.scrape(pipe.metrics_url)
     if snap.handled < sent or snap.pending:

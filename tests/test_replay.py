@@ -13,11 +13,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 
-from stream.local.broker import BrokerError, LocalBroker, changelog_topic, ensure_topics, kafka_answers, run_sync
-from stream.replay import TokenBucket, load_messages, publish, replay
+from local.broker import BrokerError, LocalBroker, changelog_topic, ensure_topics, kafka_answers, run_sync
+from local.replay import TokenBucket, load_messages, publish, replay
+from local.synthetic import generate, marker_of
+from local.tail import tail
 from stream.settings import Settings
-from stream.synthetic import generate, marker_of
-from stream.tail import tail
 
 pytestmark = pytest.mark.broker
 

@@ -7,8 +7,8 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.events import Event
-from stream.sessions import (
+from core.schema import Event
+from core.sessions import (
     Outcome,
     SessionConfig,
     UserState,

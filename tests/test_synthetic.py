@@ -8,9 +8,9 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from stream.events import Event, Rejection, parse_event
-from stream.sessions import SessionConfig, state_from_events
-from stream.synthetic import (
+from core.schema import Event, Rejection, parse_event
+from core.sessions import SessionConfig, state_from_events
+from local.synthetic import (
     EVENT_TYPE_SHARES,
     EVENT_TYPES,
     MALFORMED_KINDS,

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from core.encoding import OOV, PAD, encode_batch
+from core.sessions import fingerprint, state_from_events
 from models.baselines import ItemKNN, Popularity
 from models.data import HISTORY, load_movielens, load_otto, prefix, split
 from models.datasets import by_user, otto_events
-from models.encoding import OOV, PAD, encode_batch
 from models.ranking import next_item_metrics, next_session_metrics, seen_mask
-from stream.sessions import fingerprint, state_from_events
 
 
 @pytest.fixture(scope="module")

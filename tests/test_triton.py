@@ -15,9 +15,9 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 
+from core.encoding import example_inputs
+from local.triton import LocalTriton
 from models.export import OUTPUT_NAMES
-from models.serving_bench import example_inputs
-from stream.local.triton import LocalTriton
 from tests.fixtures.triton import TINY_ITEMS
 
 pytestmark = pytest.mark.triton
@@ -108,7 +108,7 @@ def test_a_model_that_fails_to_load_fails_start_with_the_log(tmp_path) -> None:
 
 def test_cli_serves_until_sigterm(tiny_export) -> None:
     """`interest-stream triton --repo DIR` prints the endpoints, then stops the server on SIGTERM."""
-    cmd = [sys.executable, "-c", "from stream.cli import app; app()", "triton", "--repo", str(tiny_export.twin)]
+    cmd = [sys.executable, "-c", "from local.cli import app; app()", "triton", "--repo", str(tiny_export.twin)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
@@ -131,7 +131,7 @@ def test_cli_serves_until_sigterm(tiny_export) -> None:
 
 
 def test_serving_bench_returns_numbers(triton_twin, tiny_export) -> None:
-    from models.serving_bench import bench_serving, format_table
+    from local.bench.serving import bench_serving, format_table
 
     results = bench_serving(tiny_export.twin, (1, 8), seconds=0.2, rounds=1, grpc_url=triton_twin.grpc_url)
     assert [r.batch for r in results] == [1, 8]

@@ -18,13 +18,14 @@ from pathlib import Path
 import pytest
 from aiokafka.partitioner import murmur2
 
-from stream.events import Event
-from stream.local.broker import changelog_topic, ensure_topics, free_port, run_sync
-from stream.local.worker import settings_env
-from stream.replay import publish
-from stream.sessions import UserState, decode_state, state_from_events
+from core.schema import Event
+from core.sessions import UserState, decode_state, state_from_events
+from local.broker import changelog_topic, ensure_topics, run_sync
+from local.process import free_port
+from local.replay import publish
+from local.synthetic import MALFORMED_KINDS, marker_of, mix_malformed, synthetic_events
+from local.worker import settings_env
 from stream.settings import Settings
-from stream.synthetic import MALFORMED_KINDS, marker_of, mix_malformed, synthetic_events
 from tests.fixtures.worker import (
     TABLE,
     Changelog,

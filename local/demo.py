@@ -19,10 +19,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from stream.local.broker import run_sync
-from stream.local.pipeline import LocalPipeline, http_json
-from stream.local.scrape import Snapshot, histogram_quantile
-from stream.replay import ReplayResult, load_messages, publish
+from local.broker import run_sync
+from local.pipeline import LocalPipeline, http_json
+from local.replay import ReplayResult, load_messages, publish
+from local.scrape import Snapshot, histogram_quantile
 
 MODEL_NAME = "interest_transformer"
 
@@ -32,7 +32,7 @@ def ensure_model(artifacts: Path, retrain: bool = False, console: Console | None
     console = console or Console()
     checkpoint, production = artifacts / "model", artifacts / "model_repository"
     twin = production.with_name(production.name + "-twin")
-    cli = [sys.executable, "-c", "from stream.cli import app; app()"]
+    cli = [sys.executable, "-c", "from local.cli import app; app()"]
     onnx, trained = twin / MODEL_NAME / "1" / "model.onnx", checkpoint / "checkpoint.pt"
     if not retrain and onnx.exists() and (not trained.exists() or trained.stat().st_mtime <= onnx.stat().st_mtime):
         return twin  # exported from the newest checkpoint (or shipped without one)

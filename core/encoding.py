@@ -1,4 +1,4 @@
-"""The one feature encoding: a user's retained history (`stream.sessions.UserState`) -> fixed-length model inputs.
+"""The one feature encoding: a user's retained history (`core.sessions.UserState`) -> fixed-length model inputs.
 
 Torch-free (numpy only): training, offline evaluation and the worker (`stream/`) all call `encode_batch`, so the
 model sees the same tensors offline and online. Every input is int64 of shape [max_len] per sequence, LEFT-padded:
@@ -7,7 +7,7 @@ the most recent retained event sits at index max_len-1 and an overlong history k
 | input         | values                                                                                     |
 |---------------|--------------------------------------------------------------------------------------------|
 | `item_ids`    | 0 pad, 1 out-of-vocabulary, 2.. items of the `Vocabulary`                                  |
-| `event_types` | 0 pad, 1 other/unknown, 2.. `stream.events.KNOWN_EVENT_TYPES` in order                     |
+| `event_types` | 0 pad, 1 other/unknown, 2.. `core.schema.KNOWN_EVENT_TYPES` in order                     |
 | `session_pos` | sessions after this event's: 0 = current (last) session, 1 = the one before, ... capped at  |
 |               | `max_session_pos`; 0 on padding (padding is identified by `item_ids == PAD`)               |
 | `time_gaps`   | 0 pad, 1 first event of the encoded window (no previous event), else 2 + the number of     |
@@ -23,13 +23,12 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain, repeat
-from pathlib import Path
 from typing import Final
 
 import numpy as np
 
-from stream.events import KNOWN_EVENT_TYPES
-from stream.sessions import UserState
+from core.schema import KNOWN_EVENT_TYPES
+from core.sessions import UserState
 
 PAD: Final = 0
 OOV: Final = 1
@@ -102,12 +101,13 @@ class Vocabulary:
     def indices(self, item_ids: Iterable[str]) -> np.ndarray:
         return np.fromiter(map(self._index.get, item_ids, repeat(OOV)), dtype=np.int64)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"pad": PAD, "oov": OOV, "items": self._items}))
+    def to_json(self) -> str:
+        """The `vocab.json` the model repository carries (callers do the file I/O: the core does none)."""
+        return json.dumps({"pad": PAD, "oov": OOV, "items": self._items})
 
     @classmethod
-    def load(cls, path: str | Path) -> Vocabulary:
-        return cls(json.loads(Path(path).read_text())["items"])
+    def from_json(cls, text: str | bytes) -> Vocabulary:
+        return cls(json.loads(text)["items"])
 
 
 def encode_history(state: UserState, vocab: Vocabulary, cfg: EncoderConfig) -> dict[str, np.ndarray]:
@@ -152,3 +152,17 @@ def encode_batch(states: Sequence[UserState], vocab: Vocabulary, cfg: EncoderCon
     for name, values in zip(INPUT_NAMES, (items, types, session_pos, gaps), strict=True):
         out[name][rows, cols] = values
     return out
+
+
+def example_inputs(batch: int, max_len: int, n_items: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random left-padded histories of random lengths (valid index ranges), for export, tests and benchmarks."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, max_len + 1, batch)
+    valid = np.arange(max_len)[None, :] >= (max_len - lengths)[:, None]
+    x = {
+        "item_ids": rng.integers(1, n_items, (batch, max_len)),
+        "event_types": rng.integers(1, 4, (batch, max_len)),
+        "session_pos": np.sort(rng.integers(0, 8, (batch, max_len)), axis=1)[:, ::-1],
+        "time_gaps": rng.integers(1, 13, (batch, max_len)),
+    }
+    return {n: np.ascontiguousarray(np.where(valid, v, PAD), dtype=np.int64) for n, v in x.items()}

@@ -12,12 +12,9 @@ serialized size of the final states in the changelog (what RocksDB and the chang
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +24,7 @@ TABLE = "user_state"
 #: Runs the worker in-process under cProfile (main thread: agent, conductor, tables) and dumps the stats on exit.
 _PROFILED_WORKER = """
 import cProfile, sys
-from stream.app import run_worker
+from stream.worker import run_worker
 from stream.settings import Settings
 profile = cProfile.Profile()
 try:
@@ -78,10 +75,11 @@ def run(
 
     `profile`: run the worker under cProfile and write its stats there (slows the worker: not for the figures).
     """
-    from stream.local.broker import LocalBroker, ensure_topics, free_port, run_sync
-    from stream.replay import publish
+    from local.broker import LocalBroker, ensure_topics, run_sync
+    from local.process import free_port
+    from local.replay import publish
+    from local.synthetic import generate
     from stream.settings import Settings
-    from stream.synthetic import generate
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=workdir) as tmp:
         root = Path(tmp)
@@ -158,7 +156,9 @@ def _worker(
 
     Returns (events/s, seconds, worker CPU seconds, serialized sizes of the final states).
     """
-    from stream.local.worker import settings_env, spawn_worker
+    from local.process import process_tree_cpu_s
+    from local.scrape import Snapshot
+    from local.worker import settings_env, spawn_worker
 
     command = None if profile is None else [sys.executable, "-c", _PROFILED_WORKER, str(Path(profile).absolute())]
     proc = spawn_worker(settings_env(settings), log_path, command=command)
@@ -166,58 +166,32 @@ def _worker(
         url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
         deadline = time.monotonic() + timeout_s
         t_first = cpu_first = None
-        last_idle, cpu_idle = time.perf_counter(), _cpu_seconds(proc.pid)
+        last_idle, cpu_idle = time.perf_counter(), process_tree_cpu_s(proc.pid)
         while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the worker exited with {proc.returncode}; log {log_path}")
+            proc.check_alive()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the worker did not ingest {total} events in {timeout_s:.0f} s; log {log_path}")
-            count = _consumed(url)
+            count = Snapshot.scrape(url).consumed
             now = time.perf_counter()
             if not count:  # the clock starts at the last poll that saw nothing consumed (0.1 s resolution)
-                last_idle, cpu_idle = now, _cpu_seconds(proc.pid)
+                last_idle, cpu_idle = now, process_tree_cpu_s(proc.pid)
             elif t_first is None:
                 t_first, cpu_first = last_idle, cpu_idle
             if count >= total:
                 break
             time.sleep(0.1)
         elapsed = now - t_first
-        cpu = _cpu_seconds(proc.pid) - cpu_first
+        cpu = process_tree_cpu_s(proc.pid) - cpu_first
         sizes = _final_state_sizes(settings, total, deadline)
     finally:
-        proc.send_signal(signal.SIGTERM)  # a clean stop leaves the group (never SIGKILL a member on noida-db)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        proc.stop(60)  # SIGTERM: a clean stop leaves the group (never SIGKILL a member on noida-db)
     return (total / elapsed if elapsed > 0 else 0.0), elapsed, cpu, sizes
-
-
-def _consumed(url: str) -> float:
-    """The worker's interest_events_consumed_total over all event types (0 while /metrics is not up)."""
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            text = response.read().decode()
-    except OSError:
-        return 0.0
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("interest_events_consumed_total{")
-    )
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _final_state_sizes(settings, total: int, deadline: float) -> list[int]:
     """Serialized sizes of the latest state of every user in the changelog, once all events are in them."""
-    from stream.local.broker import changelog_topic, run_sync
-    from stream.sessions import decode_state
+    from core.sessions import decode_state
+    from local.broker import changelog_topic, run_sync
 
     topic = changelog_topic(settings.app_id, TABLE)
     while True:

@@ -24,8 +24,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from stream.local.pipeline import LocalPipeline
-from stream.local.scrape import Snapshot
+from local.pipeline import LocalPipeline
+from local.scrape import Snapshot
 from stream.settings import Settings
 
 
@@ -104,10 +104,10 @@ def run(
     seed: int = 0,
     log=print,
 ) -> PipelineResult:
-    from models.serving_bench import bench_serving
-    from stream.local.broker import ensure_topics, run_sync
-    from stream.replay import publish
-    from stream.synthetic import generate
+    from local.bench.serving import bench_serving
+    from local.broker import ensure_topics, run_sync
+    from local.replay import publish
+    from local.synthetic import generate
 
     defaults = Settings(_env_file=None)
     batch_max = batch_max or defaults.worker_batch_max
@@ -163,7 +163,7 @@ def run(
 
 def _saturate(pipe: LocalPipeline, total: int, timeout_s: float = 3600.0) -> Saturation:
     """Time the worker from its first handled event until all `total` are handled and published."""
-    from models.serving_bench import process_tree_cpu_s, process_tree_rss_mib
+    from local.process import process_tree_cpu_s, process_tree_rss_mib
 
     worker, triton_pid = pipe.workers[0], pipe.pids["triton"]
     url = pipe.metrics_url
@@ -229,8 +229,7 @@ async def _latency(settings: Settings, rate: float, seconds: float, users: int, 
     """Publish live events at `rate` for `seconds`; (p50 ms, p99 ms, samples) of their outputs' latency."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-    from stream.events import Event, encode_event
-    from stream.output import decode_record
+    from core.schema import Event, decode_record, encode_event
 
     rng = random.Random(seed)
     consumer = AIOKafkaConsumer(**settings.kafka_client_kwargs(), group_id=None, enable_auto_commit=False)

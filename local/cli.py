@@ -1,4 +1,5 @@
-"""The `interest-stream` command line. Each command imports its module lazily: the worker never loads torch."""
+"""The `interest-stream` command line (local tooling). Commands import their modules lazily, so `worker` never
+loads torch; the worker image has its own entry point, `interest-stream-worker` (stream/worker.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import typer
 
 from models.cli import register as register_model_commands
+from stream.worker import worker as stream_worker
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="A live interest vector for every user.")
 bench = typer.Typer(no_args_is_help=True, help="Benchmarks that print ratios measured in one run.")
@@ -15,26 +17,7 @@ app.add_typer(bench, name="bench")
 register_model_commands(app)
 
 
-@app.command()
-def worker(
-    bootstrap: str | None = typer.Option(None, help="Kafka bootstrap servers (env KAFKA_BOOTSTRAP_SERVERS)"),
-    partitions: int | None = typer.Option(None, help="Partitions of the topics and table (env TOPIC_PARTITIONS)"),
-    state_dir: str | None = typer.Option(None, help="RocksDB directory (env STATE_DIR)"),
-    web_port: int | None = typer.Option(None, help="Faust web server port, 0 = off (env WORKER_WEB_PORT)"),
-    metrics_port: int | None = typer.Option(None, help="Prometheus port, 0 = off (env METRICS_PORT)"),
-) -> None:
-    """Run a Faust worker: events topic -> per-user session state (RocksDB + changelog)."""
-    from stream.app import run_worker
-    from stream.settings import Settings
-
-    overrides = {
-        "kafka_bootstrap_servers": bootstrap,
-        "topic_partitions": partitions,
-        "state_dir": state_dir,
-        "worker_web_port": web_port,
-        "metrics_port": metrics_port,
-    }
-    run_worker(Settings(**{k: v for k, v in overrides.items() if v is not None}))
+app.command("worker")(stream_worker)
 
 
 @app.command()
@@ -50,8 +33,8 @@ def replay(
     progress: bool = typer.Option(True, help="Show a progress bar"),
 ) -> None:
     """Publish a data set to the events topic, keyed by user_id."""
-    from stream.replay import SOURCES
-    from stream.replay import replay as run_replay
+    from local.replay import SOURCES
+    from local.replay import replay as run_replay
     from stream.settings import Settings
 
     if source not in SOURCES:
@@ -83,9 +66,9 @@ def tail(
     bootstrap: str | None = typer.Option(None, help="Kafka bootstrap servers (env KAFKA_BOOTSTRAP_SERVERS)"),
 ) -> None:
     """Print a topic's records (key, partition, offset, JSON value; headers for a -dlq topic)."""
-    from stream.local.broker import run_sync
+    from local.broker import run_sync
+    from local.tail import tail as run_tail
     from stream.settings import Settings
-    from stream.tail import tail as run_tail
 
     settings = Settings(**({"kafka_bootstrap_servers": bootstrap} if bootstrap else {}))
     try:
@@ -108,7 +91,7 @@ def triton(
     log_verbose: int = typer.Option(0, help="tritonserver --log-verbose level"),
 ) -> None:
     """Serve a model repository with the local tritonserver (nvidia-pytriton) until SIGTERM or Ctrl-C."""
-    from stream.local.triton import LocalTriton
+    from local.triton import LocalTriton
 
     server = LocalTriton(
         repo,
@@ -139,7 +122,7 @@ def bench_ingest(
     profile: Path | None = typer.Option(None, help="Run the worker under cProfile, stats to this file (slower)"),
 ) -> None:
     """Worker ingest events/s vs a bare aiokafka consumer on the same local broker, and state bytes per user."""
-    from stream.benchmarks.ingest import print_result, run
+    from local.bench.ingest import print_result, run
 
     print_result(run(events, users or max(1, events // 100), partitions=partitions, seed=seed, profile=profile))
 
@@ -154,7 +137,7 @@ def demo(
     users: int | None = typer.Option(None, help="replay only the first N MovieLens users (default: all 610)"),
 ) -> None:
     """Local pipeline: broker, model (trained once), Triton twin, worker; replay MovieLens with a live view."""
-    from stream.demo import run_demo
+    from local.demo import run_demo
 
     run_demo(work_dir, artifacts, retrain=retrain, rate=rate, keep_running=keep_running, users=users)
 
@@ -171,7 +154,7 @@ def bench_pipeline(
     seed: int = typer.Option(0, help="Seed of the synthetic events"),
 ) -> None:
     """Pipeline events/s vs a bare consume->produce passthrough, seq/event, naive speed-up, latency, Triton."""
-    from stream.benchmarks.pipeline import print_result, run
+    from local.bench.pipeline import print_result, run
 
     result = run(
         events, users or max(1, events // 100), repo, batch_max=batch_max, batch_wait_s=batch_wait_s,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 
 from aiokafka.partitioner import murmur2
 
-from stream.synthetic import Messages, generate, mix_malformed
+from local.synthetic import Messages, generate, mix_malformed
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
@@ -222,7 +222,7 @@ def replay(
     With `ensure`, the target topic (default: input, DLQ and output) is first created if missing, with
     `settings.topic_partitions` partitions; a wrong existing count is an error.
     """
-    from stream.local.broker import ensure_topics, run_sync
+    from local.broker import ensure_topics, run_sync
 
     if ensure:  # never let a broker auto-create it with 1 partition
         ensure_topics(settings, {topic: settings.topic_partitions} if topic else None)

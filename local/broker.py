@@ -15,18 +15,17 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import os
 import re
 import shutil
-import signal
 import socket
-import subprocess
 import time
 from collections.abc import Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from local.process import ProcessError, Supervised, free_port
 
 if TYPE_CHECKING:
     from stream.settings import Settings
@@ -39,13 +38,6 @@ _TOPIC_ALREADY_EXISTS = 36
 
 class BrokerError(RuntimeError):
     """The local broker did not start, or a topic does not match the settings."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS considers free right now (another process may still take it before we bind)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -104,12 +96,11 @@ class LocalBroker:
         self.host = host
         self._fixed_port = port
         self.port = port or 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log_offset = 0
+        self.process: Supervised | None = None
 
     @property
     def bootstrap(self) -> str:
-        if self.proc is None:
+        if self.process is None:
             raise BrokerError("the broker is not started")
         return f"{self.host}:{self.port}"
 
@@ -119,103 +110,44 @@ class LocalBroker:
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return self.process.pid if self.process else None
 
     def start(self, timeout_s: float = 30.0) -> LocalBroker:
         """Start the broker and return once it answers a metadata request; raise BrokerError otherwise."""
-        if self.proc is not None:
+        if self.process is not None:
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
         attempts = 1 if self._fixed_port else 3  # a free port can be taken between the probe and the bind
         for attempt in range(attempts):
             self.port = self._fixed_port or free_port(self.host)
-            self._spawn()
+            if self._fixed_port and not _port_free(self.host, self.port):
+                raise BrokerError(f"port {self.host}:{self.port} is already in use (leave `port` out to pick one)")
+            cmd = [noida_binary(), "start", "--data-dir", str(self.data_dir), "--host", self.host,
+                   "--only", "kafka", "--kafka-port", str(self.port)]  # fmt: skip
+            # term_group: the console-script wrapper (when no packaged binary is found) does not forward signals.
+            self.process = Supervised("noida-db", cmd, self.log_path, term_group=True).start()
+            atexit.register(self.stop)  # a crashed test session or demo still stops its broker
             try:
-                self._wait_ready(timeout_s)
+                # Our server says it bound the port (so a foreign server on it cannot fool us), and it answers.
+                self.process.wait_until(self._answers, timeout_s, f"answering on {self.bootstrap}")
                 return self
-            except BrokerError:
-                died = self.proc is not None and self.proc.poll() is not None
+            except ProcessError as exc:
+                died = not self.process.alive
                 self.stop()
                 if not died or attempt == attempts - 1:
-                    raise
+                    raise BrokerError(str(exc)) from exc
         raise AssertionError("unreachable")
 
-    def _spawn(self) -> None:
-        cmd = [
-            noida_binary(),
-            "start",
-            "--data-dir",
-            str(self.data_dir),
-            "--host",
-            self.host,
-            "--only",
-            "kafka",
-            "--kafka-port",
-            str(self.port),
-        ]
-        if self._fixed_port and not _port_free(self.host, self.port):
-            raise BrokerError(f"port {self.host}:{self.port} is already in use (leave `port` out to pick a free one)")
-        with open(self.log_path, "ab") as log:
-            self._log_offset = log.tell()
-            log.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        atexit.register(self.stop)  # a crashed test session or demo still stops its broker
-
-    def _wait_ready(self, timeout_s: float) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise BrokerError(
-                    f"noida-db exited with code {self.proc.returncode} before answering on {self.bootstrap}; "
-                    f"log {self.log_path}:\n{self.log_tail()}"
-                )
-            # Our server says it bound the port (so a foreign server on it cannot fool us), and it answers.
-            if self._bound() and run_sync(kafka_answers(self.bootstrap, timeout_s=1.0)) and self.proc.poll() is None:
-                return
-            if time.monotonic() > deadline:
-                raise BrokerError(
-                    f"noida-db (pid {self.proc.pid}) did not answer on {self.bootstrap} within {timeout_s:.0f} s; "
-                    f"log {self.log_path}:\n{self.log_tail()}"
-                )
-            time.sleep(0.2)
-
-    def _bound(self) -> bool:
-        with open(self.log_path, "rb") as log:
-            log.seek(self._log_offset)
-            text = log.read().decode(errors="replace")
-        return re.search(rf"kafka\s+{re.escape(self.host)}:{self.port}\b", text) is not None
+    def _answers(self) -> bool:
+        assert self.process is not None
+        bound = re.search(rf"kafka\s+{re.escape(self.host)}:{self.port}\b", self.process.log_text(this_run=True))
+        return bound is not None and run_sync(kafka_answers(self.bootstrap, timeout_s=1.0))
 
     def stop(self, timeout_s: float = 10.0) -> int | None:
         """SIGTERM our broker's process group, wait, SIGKILL after `timeout_s`. Returns the exit code."""
-        proc, self.proc = self.proc, None
+        process, self.process = self.process, None
         atexit.unregister(self.stop)
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            self._signal(proc, signal.SIGTERM)
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self._signal(proc, signal.SIGKILL)
-                proc.wait(5)
-        return proc.returncode
-
-    @staticmethod
-    def _signal(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-        # The group was created by start_new_session, so its id is our child's PID: nothing else is hit.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
+        return process.stop(timeout_s) if process is not None else None
 
     def __enter__(self) -> LocalBroker:
         return self.start()
@@ -224,7 +156,7 @@ class LocalBroker:
         self.stop()
 
     def __repr__(self) -> str:
-        state = f"pid={self.proc.pid} {self.host}:{self.port}" if self.proc else "stopped"
+        state = f"pid={self.pid} {self.host}:{self.port}" if self.process else "stopped"
         return f"LocalBroker({str(self.data_dir)!r}, {state})"
 
 

@@ -25,13 +25,13 @@ from typing import Final
 import msgspec
 import numpy as np
 
-from stream.events import Event, encode_event
+from core.schema import Event, encode_event
 
 START_MS: Final = 1_704_067_200_000  # 2024-01-01T00:00:00Z: fixed, so replays are deterministic
 EVENT_TYPES: Final = ("view", "click", "cart", "purchase")
 EVENT_TYPE_SHARES: Final = (0.70, 0.20, 0.07, 0.03)
 
-#: Malformed kinds and the `stream.events.parse_event` rejection reason each must get.
+#: Malformed kinds and the `core.schema.parse_event` rejection reason each must get.
 MALFORMED_KINDS: Final = {
     "invalid_json": "invalid_json",
     "missing_field": "schema",

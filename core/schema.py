@@ -1,4 +1,4 @@
-"""The event contract (schema version 1) and its strict validation.
+"""The two wire contracts: events in (schema version 1, strict validation) and interest records out (version 1).
 
 Producers publish one JSON object per message to the events topic, keyed by `user_id`. Validation never
 raises to the worker: `parse_event` returns either an `Event` or a `Rejection` whose `reason` is one of a
@@ -57,7 +57,7 @@ REASONS: Final = (
     "schema",  # missing/unknown field, wrong type, a limit exceeded
     "timestamp_range",  # before 1990 or too far in the future
     "key_mismatch",  # message key is not the user_id
-    "late",  # valid, but later than the allowed lateness (see stream.sessions)
+    "late",  # valid, but later than the allowed lateness (see core.sessions)
 )
 
 _decoder = msgspec.json.Decoder(Event)
@@ -105,3 +105,46 @@ def encode_event(event: Event) -> bytes:
 
 def event_json_schema() -> dict:
     return msgspec.json.schema(Event)
+
+
+# --- The interest record published to the output topic (documented in docs/output.md).
+#
+# One record per user per update, keyed by `user_id`; `seq` grows by one with every update of that user.
+
+OUTPUT_SCHEMA_VERSION: Final = 1
+
+
+class Scored(msgspec.Struct, array_like=False):
+    id: str
+    score: float
+
+
+class ModelRef(msgspec.Struct):
+    name: str
+    version: str
+
+
+class InterestRecord(msgspec.Struct, omit_defaults=False):
+    user_id: str
+    seq: int
+    interest: list[float]  # L2-normalized, dimension d
+    top_categories: list[Scored]  # best first; scores are independent probabilities
+    top_items: list[Scored]  # best first; scores are the model's item logits
+    sessions: int  # retained sessions
+    sessions_seen: int  # sessions ever seen, evicted ones included
+    events_seen: int  # applied events ever
+    last_event_ms: int  # event time of the newest event
+    model: ModelRef
+    computed_at_ms: int
+    version: int = OUTPUT_SCHEMA_VERSION
+
+
+_record_decoder = msgspec.json.Decoder(InterestRecord)
+
+
+def encode_record(record: InterestRecord) -> bytes:
+    return _encoder.encode(record)
+
+
+def decode_record(data: bytes) -> InterestRecord:
+    return _record_decoder.decode(data)

@@ -13,21 +13,15 @@ is started and stopped by PID: SIGTERM (Triton drains in-flight requests, then e
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 import importlib.util
 import json
 import logging
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import sysconfig
 import threading
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -35,6 +29,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from types import TracebackType
+
+from local.process import ProcessError, Supervised, free_port
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +87,6 @@ def prepare(home: Path | str | None = None) -> TritonLayout:
     return layout
 
 
-def free_port() -> int:
-    """A port that was free on 127.0.0.1 just now (the server may still lose a race for it; start() retries)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((_HOST, 0))
-        return s.getsockname()[1]
-
-
 def server_env(layout: TritonLayout) -> dict[str, str]:
     """Environment for the server and its stubs: this interpreter's libpython and venv first."""
     env = os.environ.copy()
@@ -106,12 +95,6 @@ def server_env(layout: TritonLayout) -> dict[str, str]:
     env["LD_LIBRARY_PATH"] = ":".join(p for p in paths if p)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     return env
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when the thread that started it dies (no orphaned servers)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class LocalTriton:
@@ -146,7 +129,7 @@ class LocalTriton:
         self.log_verbose = log_verbose
         self.ready_timeout_s = ready_timeout_s
         self.die_with_parent = die_with_parent
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: Supervised | None = None
 
     # --- endpoints
     @property
@@ -214,48 +197,26 @@ class LocalTriton:
             f"--log-verbose={self.log_verbose}",
             "--exit-timeout-secs=10",
         ]
-        with open(self.log_file, "wb") as out:
-            self._proc = subprocess.Popen(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=server_env(layout),
-                start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop it by PID
-                preexec_fn=_die_with_parent if self.die_with_parent else None,
-            )
+        self.log_file.unlink(missing_ok=True)  # one log per run: start() reads it for "address already in use"
+        self._proc = Supervised(
+            "tritonserver", cmd, self.log_file, env=server_env(layout), die_with_parent=self.die_with_parent
+        ).start()
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
+        assert self._proc is not None
         urls = [f"{self.http_url}/v2/health/ready"] + [f"{self.http_url}/v2/models/{m}/ready" for m in self.models]
-        while time.monotonic() < deadline:
-            if self._proc is None or self._proc.poll() is not None:
-                code = self._proc.returncode if self._proc else None
-                raise RuntimeError(f"tritonserver exited with code {code} before it was ready")
-            if all(_http_ok(u) for u in urls):
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"tritonserver not ready after {self.ready_timeout_s:.0f}s (models {self.models})")
+        try:
+            ready = lambda: all(_http_ok(u) for u in urls)  # noqa: E731
+            self._proc.wait_until(ready, self.ready_timeout_s, f"ready ({self.models})")
+        except ProcessError as exc:
+            raise RuntimeError(str(exc).split("; log ")[0]) from exc
 
     def is_alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._proc is not None and self._proc.alive
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM, wait up to `timeout_s`, then SIGKILL; returns the exit code (None if never started)."""
-        proc = self._proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("tritonserver pid %s ignored SIGTERM for %.0fs; killing it", proc.pid, timeout_s)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)  # its own session: the stubs go too
-                proc.wait()
-        return proc.returncode
+        """SIGTERM (Triton drains, then stops its python stubs), wait up to `timeout_s`, then SIGKILL the group."""
+        return self._proc.stop(timeout_s) if self._proc is not None else None
 
     def logs(self) -> str:
         try:

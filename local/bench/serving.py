@@ -1,11 +1,11 @@
 """Throughput of the exported model: in-process onnxruntime vs the twin served by the local tritonserver.
 
-Torch-free, so `interest-stream bench ...` can call `bench_serving` from the worker side. Both sides run the
+Both sides run the
 same `model.onnx` with the same intra-op thread count, on pre-batched requests, one request in flight (the worker
 sends one batch per partition at a time), so the ratio is Triton's per-request overhead (gRPC, shared memory to
 the python stub, the python backend) at each batch size.
 
-    .venv/bin/python -m models.serving_bench --repo artifacts/model_repository-twin
+    .venv/bin/python -m local.bench.serving --repo artifacts/model_repository-twin
 """
 
 from __future__ import annotations
@@ -18,25 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
-from models.encoding import INPUT_NAMES, PAD
+from core.encoding import INPUT_NAMES, example_inputs
+from local.process import process_tree_cpu_s
 
 MODEL_NAME = "interest_transformer"
-
-
-def example_inputs(batch: int, max_len: int, n_items: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random left-padded histories of random lengths (valid index ranges), for export, tests and benchmarks."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(0, max_len + 1, batch)
-    valid = np.arange(max_len)[None, :] >= (max_len - lengths)[:, None]
-    x = {
-        "item_ids": rng.integers(1, n_items, (batch, max_len)),
-        "event_types": rng.integers(1, 4, (batch, max_len)),
-        "session_pos": np.sort(rng.integers(0, 8, (batch, max_len)), axis=1)[:, ::-1],
-        "time_gaps": rng.integers(1, 13, (batch, max_len)),
-    }
-    return {n: np.ascontiguousarray(np.where(valid, v, PAD), dtype=np.int64) for n, v in x.items()}
 
 
 @dataclass(frozen=True)
@@ -71,32 +56,6 @@ def _measure(call: Callable[[], object], batch: int, seconds: float, cpu: Callab
     return n * batch / elapsed, 1e6 * (cpu() - c0) / (n * batch)
 
 
-def process_tree_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of `pid` and its descendants (Linux /proc), e.g. tritonserver and its stubs."""
-    tick = os.sysconf("SC_CLK_TCK")
-    return sum((int(f[11]) + int(f[12])) / tick for f in _tree_stats(pid))  # utime, stime
-
-
-def process_tree_rss_mib(pid: int) -> float:
-    """Resident memory of `pid` and its descendants (Linux /proc), MiB."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    return sum(int(f[21]) * page for f in _tree_stats(pid)) / 2**20  # rss, in pages
-
-
-def _tree_stats(pid: int) -> list[list[str]]:
-    """The /proc/<pid>/stat fields after the command name, for `pid` and every descendant still alive."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            out.append(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split())
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return out
-
-
 def ort_session(onnx_path: Path | str, threads: int):
     """The session the twin builds (models/triton_twin.py), so in-process numbers compare like with like."""
     import onnxruntime as ort
@@ -121,7 +80,7 @@ def bench_serving(
     """
     import tritonclient.grpc as grpcclient
 
-    from stream.local.triton import LocalTriton
+    from local.triton import LocalTriton
 
     model_dir = Path(twin_repo) / MODEL_NAME
     meta = json.loads((model_dir / "metadata.json").read_text())

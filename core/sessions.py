@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from stream.events import KNOWN_EVENT_TYPES
+from core.schema import KNOWN_EVENT_TYPES
 
 if TYPE_CHECKING:
-    from stream.events import Event
+    from core.schema import Event
 
 
 @dataclass(frozen=True, slots=True)

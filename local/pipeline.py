@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import signal
-import subprocess
 import threading
 import time
 import urllib.error
@@ -32,9 +30,10 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-from stream.local.broker import LocalBroker, ensure_topics, free_port
-from stream.local.triton import LocalTriton
-from stream.local.worker import settings_env, spawn_worker
+from local.broker import LocalBroker, ensure_topics
+from local.process import ProcessError, Supervised, free_port
+from local.triton import LocalTriton
+from local.worker import settings_env, spawn_worker
 from stream.settings import Settings
 
 TABLES = ("user_state", "user_interest")
@@ -47,54 +46,42 @@ class PipelineError(RuntimeError):
 
 @dataclass
 class WorkerProcess:
-    """One `interest-stream worker` child with its own state dir, ports and log file."""
+    """One worker child with its own state dir, ports and log file."""
 
     settings: Settings
     env: dict[str, str]
     log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
+    process: Supervised | None = None
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+        return self.process.pid if self.process else None
 
     @property
     def health_url(self) -> str:
         return f"http://127.0.0.1:{self.settings.worker_web_port}/health"
 
     def start(self) -> None:
-        self.proc = spawn_worker(self.env, self.log_path, die_with_parent=True)
+        self.process = spawn_worker(self.env, self.log_path, name=self.log_path.stem, die_with_parent=True)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+        return self.process.log_tail(lines) if self.process else "(no log)"
 
     def ready(self) -> bool:
         """Faust logged Ready (group joined, tables recovered) and /health answers "ok"."""
-        if self.proc is None or self.proc.poll() is not None:
-            code = self.proc.returncode if self.proc else None
-            raise PipelineError(f"worker exited with code {code} before it was ready; log {self.log_path}:\n"
-                                f"{self.log_tail()}")  # fmt: skip
-        if READY_LINE not in self.log_path.read_text(errors="replace"):
+        if self.process is None:
+            return False
+        try:
+            self.process.check_alive()
+        except ProcessError as exc:
+            raise PipelineError(str(exc)) from exc
+        if READY_LINE not in self.process.log_text():
             return False
         return http_json(self.health_url).get("status") == "ok"
 
     def stop(self, timeout_s: float = 60.0) -> int | None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)  # its own session: nothing else is hit
-                proc.wait(10)
-        return proc.returncode
+        process, self.process = self.process, None
+        return process.stop(timeout_s) if process is not None else None
 
 
 def http_json(url: str, timeout_s: float = 2.0) -> dict[str, Any]:

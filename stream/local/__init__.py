@@ -1,1 +1,0 @@
-"""Local stand-ins for production servers (Kafka broker, Triton), started by PID on free ports."""

@@ -1,0 +1,125 @@
+"""Run one worker process: check the served model, start metrics, run Faust until SIGTERM, exit for sure.
+
+`interest-stream-worker` (the worker image's entry point) and `interest-stream worker` both end up in `run_worker`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import faulthandler
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import faust
+import typer
+
+from stream import metrics
+from stream.app import create_app
+from stream.inference import InterestClient, ModelBundle
+from stream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+async def check_inference(settings: Settings) -> None:
+    """Refuse to start, with a clear message, if Triton serves a model that differs from what we encode."""
+    client = InterestClient(settings, ModelBundle.load(settings.model_dir))
+    try:
+        await client.check_model()
+    finally:
+        await client.close()
+
+
+def run_worker(
+    settings: Settings, *, hard_exit: bool = True, on_stage: Callable[[str, int], None] | None = None
+) -> None:
+    """Run one worker until SIGTERM/SIGINT; a clean stop leaves the consumer group at once.
+
+    `hard_exit`: end the process with `os._exit` once Faust's shutdown is done (tables closed, producer flushed,
+    group left). A worker in a benchmark stayed alive after Faust logged "Closing event loop", so the SIGTERM
+    never finished; `Worker` also puts a deadline on the shutdown itself and dumps every thread's stack if it
+    is missed, so the next such hang says where it is.
+    """
+    from prometheus_client import start_http_server
+
+    if settings.triton_url:
+        asyncio.run(check_inference(settings))
+    app = create_app(settings, on_stage=on_stage)
+    metrics.BUILD_INFO.info({"worker_version": _version(), **_model_info(settings)})
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port)
+    worker = Worker(app, loglevel=settings.worker_log_level.upper(), override_logging=True)
+    if not hard_exit:
+        worker.execute_from_commandline()  # ends in SystemExit
+        return
+    code = 0
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    except BaseException:
+        log.exception("worker crashed")
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
+class Worker(faust.Worker):
+    """Faust's worker with a deadline on its shutdown (see `run_worker`). Named `Worker` because mode logs the
+    class name and readiness checks look for "[^Worker]: Ready"."""
+
+    shutdown_deadline_s = 30.0
+
+    def on_worker_shutdown(self) -> None:
+        super().on_worker_shutdown()
+        threading.Thread(target=self._exit_if_still_here, name="shutdown-deadline", daemon=True).start()
+
+    def _exit_if_still_here(self) -> None:
+        time.sleep(self.shutdown_deadline_s)
+        closed = self.loop.is_closed()  # after "Closing event loop" every service has stopped cleanly
+        sys.stderr.write(f"worker shutdown still running after {self.shutdown_deadline_s:.0f} s (event loop "
+                         f"closed: {closed}); thread stacks follow, then exit\n")  # fmt: skip
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(0 if closed else 1)
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("interest-stream")
+
+
+def _model_info(settings: Settings) -> dict[str, str]:
+    if not settings.triton_url:
+        return {"model_name": "", "model_version": ""}
+    bundle = ModelBundle.load(settings.model_dir)
+    return {"model_name": bundle.name, "model_version": bundle.version}
+
+
+def worker(
+    bootstrap: str | None = typer.Option(None, help="Kafka bootstrap servers (env KAFKA_BOOTSTRAP_SERVERS)"),
+    partitions: int | None = typer.Option(None, help="Partitions of the topics and table (env TOPIC_PARTITIONS)"),
+    state_dir: str | None = typer.Option(None, help="RocksDB directory (env STATE_DIR)"),
+    web_port: int | None = typer.Option(None, help="Faust web server port, 0 = off (env WORKER_WEB_PORT)"),
+    metrics_port: int | None = typer.Option(None, help="Prometheus port, 0 = off (env METRICS_PORT)"),
+) -> None:
+    """Run a Faust worker: events -> per-user session state (RocksDB + changelog) -> Triton -> interest topic."""
+    overrides = {
+        "kafka_bootstrap_servers": bootstrap,
+        "topic_partitions": partitions,
+        "state_dir": state_dir,
+        "worker_web_port": web_port,
+        "metrics_port": metrics_port,
+    }
+    run_worker(Settings(**{k: v for k, v in overrides.items() if v is not None}))
+
+
+def main() -> None:
+    """Console script `interest-stream-worker`."""
+    typer.run(worker)
