@@ -1,0 +1,140 @@
+"""A generated corpus of malformed events: every kind is rejected with the expected reason, and every valid
+variant next to it is accepted (so the checks are not simply rejecting everything)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from core.schema import REASONS, Event, Rejection, parse_event
+
+NOW_MS = 1_700_000_000_000
+VALID: dict[str, Any] = {
+    "user_id": "u0138",
+    "item_id": "318",
+    "event_type": "rating",
+    "timestamp": NOW_MS - 60_000,
+    "value": 4.5,
+    "event_id": "e-1",
+    "context": {"platform": "app"},
+}
+
+
+def doc(**changes: Any) -> bytes:
+    """VALID with fields changed (a value of ... removes the field), as compact JSON."""
+    fields = {k: v for k, v in (VALID | changes).items() if v is not ...}
+    return json.dumps(fields, ensure_ascii=False).encode()
+
+
+def raw_fields(text: str) -> bytes:
+    """A JSON object written by hand (for repeated keys and escapes that json.dumps cannot produce)."""
+    return ("{" + text + "}").encode()
+
+
+BASE = f'"item_id":"318","event_type":"view","timestamp":{NOW_MS - 60_000}'
+
+#: kind -> (key, raw value, expected reason)
+CORPUS: dict[str, tuple[bytes, bytes | None, str]] = {
+    "not_json": (b"u0138", b"hello", "invalid_json"),
+    "empty": (b"u0138", b"", "invalid_json"),
+    "tombstone": (b"u0138", None, "invalid_json"),
+    "truncated": (b"u0138", doc()[:-5], "invalid_json"),
+    "array": (b"u0138", b"[1,2]", "schema"),
+    "string": (b"u0138", b'"u0138"', "schema"),
+    "number": (b"u0138", b"42", "schema"),
+    "null": (b"u0138", b"null", "schema"),
+    "invalid_utf8": (b"u0138", doc(item_id="x").replace(b'"x"', b'"\xff\xfe"'), "invalid_json"),
+    "bom_prefix": (b"u0138", b"\xef\xbb\xbf" + doc(), "invalid_json"),
+    "trailing_garbage": (b"u0138", doc() + b" x", "invalid_json"),
+    "two_objects": (b"u0138", doc() + doc(), "invalid_json"),
+    "nan_value": (b"u0138", doc(value=1.0).replace(b"1.0", b"NaN"), "invalid_json"),
+    "lone_surrogate": (
+        b"u0138",
+        raw_fields('"user_id":"u0138",' + BASE.replace('"318"', '"\\ud800"')),
+        "invalid_json",
+    ),
+    "duplicate_user_id": (b"b", raw_fields('"user_id":"a","user_id":"b",' + BASE), "invalid_json"),
+    "duplicate_key_escaped": (b"b", raw_fields('"user_id":"a","\\u0075ser_id":"b",' + BASE), "invalid_json"),
+    "duplicate_context_key": (
+        b"a",
+        raw_fields('"user_id":"a",' + BASE + ',"context":{"p":"x","p":"y"}'),
+        "invalid_json",
+    ),
+    "missing_user_id": (b"u0138", doc(user_id=...), "schema"),
+    "missing_item_id": (b"u0138", doc(item_id=...), "schema"),
+    "missing_event_type": (b"u0138", doc(event_type=...), "schema"),
+    "missing_timestamp": (b"u0138", doc(timestamp=...), "schema"),
+    "unknown_field": (b"u0138", doc(colour="red"), "schema"),
+    "user_id_number": (b"138", doc(user_id=138), "schema"),
+    "user_id_empty": (b"", doc(user_id=""), "schema"),
+    "user_id_129_chars": (b"u" * 129, doc(user_id="u" * 129), "schema"),
+    "user_id_space": (b"u 1", doc(user_id="u 1"), "schema"),
+    "user_id_trailing_newline": (b"u0138\n", doc(user_id="u0138\n"), "schema"),
+    "user_id_tab": (b"u\t1", doc(user_id="u\t1"), "schema"),
+    "user_id_nul": (b"u\x001", doc(user_id="u\x001"), "schema"),
+    "user_id_del": (b"u\x7f1", doc(user_id="u\x7f1"), "schema"),
+    "user_id_c1_nel": ("u\x85".encode(), doc(user_id="u\x85"), "schema"),
+    "user_id_c1_apc": ("u\x9f".encode(), doc(user_id="u\x9f"), "schema"),
+    "user_id_nbsp": ("u\xa01".encode(), doc(user_id="u\xa01"), "schema"),
+    "user_id_zero_width_space": ("u\u200b1".encode(), doc(user_id="u\u200b1"), "schema"),
+    "user_id_rtl_override": ("u\u202e1".encode(), doc(user_id="u\u202e1"), "schema"),
+    "user_id_bom": ("\ufeffu1".encode(), doc(user_id="\ufeffu1"), "schema"),
+    "item_id_trailing_newline": (b"u0138", doc(item_id="318\n"), "schema"),
+    "event_id_empty": (b"u0138", doc(event_id=""), "schema"),
+    "event_type_trailing_newline": (b"u0138", doc(event_type="view\n"), "schema"),
+    "event_type_upper": (b"u0138", doc(event_type="VIEW"), "schema"),
+    "event_type_digit_first": (b"u0138", doc(event_type="1view"), "schema"),
+    "event_type_33_chars": (b"u0138", doc(event_type="v" * 33), "schema"),
+    "timestamp_seconds": (b"u0138", doc(timestamp=NOW_MS // 1000), "timestamp_range"),
+    "timestamp_negative": (b"u0138", doc(timestamp=-1), "timestamp_range"),
+    "timestamp_float": (b"u0138", doc(timestamp=NOW_MS + 0.5), "schema"),
+    "timestamp_string": (b"u0138", doc(timestamp=str(NOW_MS)), "schema"),
+    "timestamp_future": (b"u0138", doc(timestamp=NOW_MS + 3_600_000), "timestamp_range"),
+    "value_string": (b"u0138", doc(value="5"), "schema"),
+    "value_huge": (b"u0138", doc(value=1e12), "schema"),
+    "context_nested": (b"u0138", doc(context={"a": {"b": 1}}), "schema"),
+    "context_33_keys": (b"u0138", doc(context={f"k{i}": i for i in range(33)}), "schema"),
+    "context_long_value": (b"u0138", doc(context={"k": "v" * 257}), "schema"),
+    "version_2": (b"u0138", doc(version=2), "schema"),
+    "key_mismatch": (b"someone-else", doc(), "key_mismatch"),
+    "key_with_newline": (b"u0138\n", doc(), "key_mismatch"),
+    "too_large": (b"u0138", doc(context={"k": "v" * 200}) + b" " * 20_000, "too_large"),
+}
+
+
+def parse(key: bytes, value: bytes | None) -> Event | Rejection:
+    return parse_event(value, key, max_bytes=16 * 1024, now_ms=NOW_MS)
+
+
+def test_the_corpus_is_large_and_covers_every_reason_but_late() -> None:
+    assert len(CORPUS) >= 40
+    assert {reason for *_, reason in CORPUS.values()} == set(REASONS) - {"late"}
+
+
+@pytest.mark.parametrize("kind", sorted(CORPUS))
+def test_malformed_kind_is_rejected_with_its_reason(kind: str) -> None:
+    key, value, reason = CORPUS[kind]
+    result = parse(key, value)
+    assert isinstance(result, Rejection), f"{kind} was accepted: {result}"
+    assert result.reason == reason, result.detail
+    assert result.detail
+
+
+VALID_VARIANTS: dict[str, Callable[[], tuple[bytes, bytes]]] = {
+    "minimal": lambda: (b"u0138", raw_fields('"user_id":"u0138",' + BASE)),
+    "full": lambda: (b"u0138", doc()),
+    "unicode_letters": lambda: ("ユーザー".encode(), doc(user_id="ユーザー")),
+    "item_named_like_a_field": lambda: (b"u0138", doc(item_id="user_id")),
+    "escaped_slash_in_item": lambda: (b"u0138", doc(item_id="a/b").replace(b"a/b", b"a\\/b")),
+    "custom_event_type": lambda: (b"u0138", doc(event_type="add_to_list")),
+    "whitespace_between_tokens": lambda: (b"u0138", json.dumps(VALID, indent=2).encode()),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(VALID_VARIANTS))
+def test_valid_variants_are_accepted(kind: str) -> None:
+    key, value = VALID_VARIANTS[kind]()
+    assert isinstance(parse(key, value), Event), parse(key, value)
