@@ -10,8 +10,15 @@ Rules, in event time (`Event.timestamp`, ms):
 * The user's watermark is the latest event time seen. An event up to `lateness_ms` behind it slots into
   place (it may extend, start, or merge sessions). An event further behind is **late**: not applied, and
   the worker routes it to the dead-letter topic with reason `late`, so nothing is silently dropped.
-* A duplicate (same fingerprint as a retained event) is ignored. The fingerprint is a 64-bit hash of
-  `event_id`, or of `(item_id, event_type, timestamp, value)` when there is no id.
+* A **replay** is recognised by its input offset: a user's events all come from one partition of the events
+  topic, so an event whose offset is at most `UserState.input_offset` was already folded in (a crash or a
+  rebalance re-reads uncommitted input). Replays change nothing, whatever the bounds evicted since.
+* Identity: `event_id` identifies one event of a user (without one, `(item_id, event_type, timestamp, value)`
+  does); the fingerprint is a 64-bit hash of it. A message is a **duplicate**, and ignored, when an event with
+  its identity was seen within the lateness horizon (its latest copy's time >= watermark - `lateness_ms`).
+  The identities of events the bounds evicted inside the horizon are remembered (`id_ts`/`id_fps`, up to
+  `max_ids`), so idempotence reaches exactly the lateness horizon, independent of the bounds. Beyond the
+  horizon a copy is late (above), and an id may be reused by a new event.
 * Bounds: the newest `max_events` events; and of the sessions that can no longer change (their last
   event is more than `lateness_ms + gap_ms` behind the watermark, so no acceptable late event can reach
   them) only the newest `max_sessions` are kept. Sessions that a late event could still merge are never
@@ -42,12 +49,14 @@ class SessionConfig:
     lateness_ms: int = 60 * 60 * 1000
     max_events: int = 200
     max_sessions: int = 20
+    max_ids: int = 2000  # evicted identities remembered for de-duplication (only for > max_events per horizon)
 
 
 class Outcome(enum.Enum):
     APPLIED = "applied"
     DUPLICATE = "duplicate"
     LATE = "late"
+    REPLAY = "replay"  # offset already folded in (crash or rebalance re-read)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +75,10 @@ class UserState:
     # and whether the state changed since (a persisted mark, so a crash cannot lose an update).
     seq: int = 0
     dirty: bool = False
+    input_offset: int = -1  # highest events-topic offset folded in (-1: none, or offsets not given)
+    # Identities not covered by a retained event inside the lateness horizon: evicted ones, and later copies.
+    id_ts: tuple[int, ...] = ()  # latest event time seen with the identity, ascending
+    id_fps: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -103,21 +116,33 @@ def fingerprint(event: Event) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
-def apply_events(state: UserState, events: Iterable[Event], cfg: SessionConfig) -> tuple[UserState, Applied]:
-    """Fold `events` (in arrival order) into `state`. Pure: `state` is not modified."""
+def apply_events(
+    state: UserState, events: Iterable[Event], cfg: SessionConfig, offsets: Sequence[int] | None = None
+) -> tuple[UserState, Applied]:
+    """Fold `events` (in arrival order; `offsets`: their input offsets, if known) into `state`. Pure."""
     ts, items, types = list(state.ts), list(state.items), list(state.types)
     values, fps = list(state.values), list(state.fps)
-    seen = set(fps)
+    last_seen = dict(zip(state.id_fps, state.id_ts, strict=True))  # identity -> latest time, beyond retention
+    for t, fp in zip(ts, fps, strict=True):
+        last_seen[fp] = max(last_seen.get(fp, t), t)
+    input_offset = state.input_offset
     report = Applied()
-    for event in events:
-        fp = fingerprint(event)
-        t = event.timestamp
-        if fp in seen:
-            report.outcomes.append(Outcome.DUPLICATE)
-            continue
-        if ts and t < ts[-1] - cfg.lateness_ms:
+    for k, event in enumerate(events):
+        if offsets is not None:
+            if offsets[k] <= state.input_offset:
+                report.outcomes.append(Outcome.REPLAY)
+                continue
+            input_offset = max(input_offset, offsets[k])
+        fp, t = fingerprint(event), event.timestamp
+        horizon = ts[-1] - cfg.lateness_ms if ts else t
+        if t < horizon:
             report.outcomes.append(Outcome.LATE)
             continue
+        if last_seen.get(fp, horizon - 1) >= horizon:
+            report.outcomes.append(Outcome.DUPLICATE)
+            last_seen[fp] = max(last_seen[fp], t)  # a later copy keeps the identity alive longer
+            continue
+        last_seen[fp] = t
         i = bisect_right(ts, t)
         while i > 0 and ts[i - 1] == t and fps[i - 1] > fp:
             i -= 1
@@ -126,12 +151,11 @@ def apply_events(state: UserState, events: Iterable[Event], cfg: SessionConfig) 
         types.insert(i, event.event_type)
         values.insert(i, event.value)
         fps.insert(i, fp)
-        seen.add(fp)
         isolated_before = i == 0 or t - ts[i - 1] > cfg.gap_ms
         isolated_after = i == len(ts) - 1 or ts[i + 1] - t > cfg.gap_ms
         report.new_sessions += isolated_before and isolated_after
         report.outcomes.append(Outcome.APPLIED)
-    if not report.changed:
+    if not ts or all(o in (Outcome.REPLAY, Outcome.LATE) for o in report.outcomes):
         return state, report
 
     drop = max(0, len(ts) - cfg.max_events)
@@ -148,6 +172,7 @@ def apply_events(state: UserState, events: Iterable[Event], cfg: SessionConfig) 
     evicted = sum(1 for s in starts if 0 < s <= drop)
     starts = [s - drop for s in kept if s >= drop]
     applied = sum(o is Outcome.APPLIED for o in report.outcomes)
+    id_ts, id_fps = _remembered_ids(last_seen, ts[drop:], fps[drop:], ts[-1] - cfg.lateness_ms, cfg.max_ids)
     new_state = replace(
         state,
         ts=tuple(ts[drop:]),
@@ -158,9 +183,25 @@ def apply_events(state: UserState, events: Iterable[Event], cfg: SessionConfig) 
         starts=tuple(starts),
         events_seen=state.events_seen + applied,
         sessions_evicted=state.sessions_evicted + evicted,
-        dirty=True,
+        dirty=state.dirty or applied > 0,
+        input_offset=input_offset,
+        id_ts=id_ts,
+        id_fps=id_fps,
     )
+    if not report.changed and new_state == replace(state, input_offset=input_offset):
+        return state, report  # only duplicates, and no identity's life was extended
     return new_state, report
+
+
+def _remembered_ids(
+    last_seen: dict[int, int], ts: Sequence[int], fps: Sequence[int], horizon: int, max_ids: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Identities inside the horizon that the retained events do not already vouch for, newest `max_ids`."""
+    for t, fp in zip(ts, fps, strict=True):
+        if last_seen.get(fp) == t:
+            del last_seen[fp]
+    kept = sorted((t, fp) for fp, t in last_seen.items() if t >= horizon)[-max_ids:]
+    return tuple(t for t, _ in kept), tuple(fp for _, fp in kept)
 
 
 def _session_starts(ts: Sequence[int], gap_ms: int) -> list[int]:
@@ -195,6 +236,9 @@ class _Stored(msgspec.Struct, array_like=True):
     sessions_evicted: int
     seq: int = 0
     dirty: bool = False
+    input_offset: int = -1
+    id_ts: list[int] = []
+    id_fps: bytes = b""
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -217,6 +261,9 @@ def encode_state(state: UserState) -> bytes:
             sessions_evicted=state.sessions_evicted,
             seq=state.seq,
             dirty=state.dirty,
+            input_offset=state.input_offset,
+            id_ts=list(state.id_ts),
+            id_fps=b"".join(fp.to_bytes(8, "big") for fp in state.id_fps),
         )
     )
 
@@ -241,4 +288,7 @@ def decode_state(data: bytes | None) -> UserState:
         sessions_evicted=s.sessions_evicted,
         seq=s.seq,
         dirty=s.dirty,
+        input_offset=s.input_offset,
+        id_ts=tuple(s.id_ts),
+        id_fps=tuple(int.from_bytes(s.id_fps[i : i + 8], "big") for i in range(0, len(s.id_fps), 8)),
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from core.schema import Event
@@ -50,7 +50,11 @@ def fold_one_by_one(events, cfg=SMALL) -> UserState:
 def check_invariants(state: UserState, cfg: SessionConfig) -> None:
     assert len(state) <= cfg.max_events
     assert list(state.ts) == sorted(state.ts)
-    assert len(set(state.fps)) == len(state.fps)
+    if state.ts:  # an identity is unique within the lateness horizon (beyond it an id may be reused)
+        recent = [fp for t, fp in zip(state.ts, state.fps, strict=True) if t >= state.ts[-1] - cfg.lateness_ms]
+        assert len(set(recent)) == len(recent)
+        assert all(t >= state.ts[-1] - cfg.lateness_ms for t in state.id_ts)
+    assert len(state.id_ts) <= cfg.max_ids
     if state.ts:
         assert state.starts[0] == 0
         for s in state.session_slices():
@@ -63,7 +67,22 @@ def check_invariants(state: UserState, cfg: SessionConfig) -> None:
         assert len(closed) <= cfg.max_sessions
 
 
+# Found by hypothesis: an id reused beyond the lateness horizon is a new event (two retained events share it).
+REUSED_ID = [ev(T0), ev(T0, eid="a"), ev(T0 + 90 * MIN + 1), ev(T0 + 1, eid="a")]
+# Found by hypothesis on a fresh clone: the second "a" was a duplicate while the first was retained, and was
+# applied on a replay once the bounds had evicted the first (idempotence reached only as far as the bounds).
+EVICTED_ID = [
+    *[ev(T0)] * 7,
+    ev(T0, eid="a"),
+    *[ev(T0 + k * (30 * MIN + 1)) for k in (1, 2, 3)],
+    ev(T0 + 4 * (30 * MIN + 1), eid="a"),
+    ev(T0 + 210 * MIN + 4),
+]
+
+
 @given(events_st)
+@example(REUSED_ID)
+@example(EVICTED_ID)
 @settings(max_examples=300, deadline=None)
 def test_bounded_and_well_formed(events):
     state = fold_one_by_one(events)
@@ -71,12 +90,68 @@ def test_bounded_and_well_formed(events):
 
 
 @given(events_st)
+@example(EVICTED_ID)
+@example(REUSED_ID)
 @settings(max_examples=300, deadline=None)
 def test_idempotent_on_duplicates(events):
+    """Every message delivered again (a producer retry, no offsets) changes nothing, whatever the bounds evicted."""
     once = fold_one_by_one(events)
     twice, report = apply_events(once, events, SMALL)
     assert twice == once
     assert Outcome.APPLIED not in report.outcomes
+
+
+def fold_with_offsets(events, cfg=SMALL, outcomes=None):
+    state = UserState()
+    for k, e in enumerate(events):
+        state, report = apply_events(state, [e], cfg, offsets=[k])
+        if outcomes is not None:
+            outcomes += report.outcomes
+    return state
+
+
+@given(events_st, st.integers(0, 60))
+@example(EVICTED_ID, 5)
+@settings(max_examples=300, deadline=None)
+def test_a_crash_replay_changes_nothing(events, committed):
+    """After a crash the input is re-read from the last committed offset: those events are replays (never late,
+    never applied twice), so the state and its counters are exactly those of a run without the crash."""
+    first: list[Outcome] = []
+    state = fold_with_offsets(events, outcomes=first)
+    committed = min(committed, len(events))
+    replayed, report = apply_events(state, events[committed:], SMALL, offsets=list(range(committed, len(events))))
+    assert replayed == state
+    for before, after in zip(first[committed:], report.outcomes, strict=True):
+        # applied -> replay; duplicate or late (whose offsets the state does not store) -> the same again
+        assert after is Outcome.REPLAY or after is before is not Outcome.APPLIED, (before, after)
+    assert state.events_seen == fold_one_by_one(events).events_seen
+
+
+def test_replay_recognised_by_offset_after_eviction():
+    """The crash case of issue 11: events applied, then evicted by the bounds, then re-read after a crash were
+    dead-lettered as late. By offset they are replays."""
+    events = [ev(T0 + k * 40 * MIN, item=f"i{k}", eid=str(k)) for k in range(30)]
+    state = fold_with_offsets(events)
+    assert len(state) < len(events)  # the bounds evicted the oldest
+    again, report = apply_events(state, events, SMALL, offsets=list(range(len(events))))
+    assert report.outcomes == [Outcome.REPLAY] * len(events) and again == state
+    assert state.events_seen == 30 and state.input_offset == 29
+
+
+def test_event_id_contract():
+    a = ev(T0, item="i1", eid="a")
+    state = state_from_events([a], SMALL)
+    same_id = ev(T0 + 10 * MIN, item="i2", eid="a")  # another event claiming id "a" inside the horizon
+    state2, report = apply_events(state, [same_id], SMALL)
+    assert report.outcomes == [Outcome.DUPLICATE] and state2.id_ts == (T0 + 10 * MIN,)
+    # The later copy keeps the identity alive: its copies stay duplicates after the first one leaves the horizon.
+    later = ev(T0 + 95 * MIN, eid="b")
+    state3, _ = apply_events(state2, [later], SMALL)
+    assert apply_events(state3, [same_id], SMALL)[1].outcomes == [Outcome.DUPLICATE]
+    # Beyond the horizon the id may be reused by a new event.
+    far = apply_events(state3, [ev(T0 + 300 * MIN, eid="z")], SMALL)[0]
+    reused = ev(T0 + 290 * MIN, item="i9", eid="a")
+    assert apply_events(far, [reused], SMALL)[1].outcomes == [Outcome.APPLIED]
 
 
 @given(st.lists(st.integers(0, 80 * MIN), max_size=40), st.randoms(use_true_random=False))
