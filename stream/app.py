@@ -15,19 +15,20 @@ uncommitted and the stored state as it was, so after a restart the same events a
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
 import faust
-from faust.streams import _current_event
+from faust.streams import _current_event, current_event
 from faust.types import EventT
 
 from core.schema import Event, Rejection, parse_event
-from core.sessions import Outcome, UserState, apply_events, decode_state, encode_state
+from core.sessions import Applied, Outcome, UserState, apply_events, decode_state, encode_state
 from stream import metrics
 from stream.inference import InterestModel
 from stream.settings import Settings
@@ -74,9 +75,12 @@ def create_app(settings: Settings, *, on_stage: Callable[[str, int], None] | Non
     model = InterestModel.load(settings) if settings.triton_url else None
     if model is None:
         log.warning("TRITON_URL is empty: ingest only (state is kept, no interest is published)")
-    step = BatchStep(settings, user_state, user_interest, dlq_topic, output_topic, model, on_stage=on_stage)
+    tables = FaustTables(user_state, user_interest)
+    step = BatchStep(settings, tables, dlq_topic, output_topic, model, on_stage=on_stage)
 
-    @app.agent(events_topic)
+    # One actor per partition (isolated_partitions): a slow partition (a user sending 100k events, a batch
+    # being retried) holds back only its own partition, and a revoked partition's actor is stopped with it.
+    @app.agent(events_topic, isolated_partitions=True)
     async def ingest(stream: faust.StreamT) -> None:
         async for batch in stream.take_events(settings.worker_batch_max, within=settings.worker_batch_wait_s):
             await step.process_until_done(batch)
@@ -102,11 +106,13 @@ def create_app(settings: Settings, *, on_stage: Callable[[str, int], None] | Non
             return web.json({"error": f"unknown user {user_id!r}"}, status=404)
         return web.bytes(value, content_type="application/json")
 
+    @app.timer(interval=1.0)
+    async def update_health() -> None:
+        metrics.WORKER_DEGRADED.set(step.health()["status"] != "ok")
+
     @app.page("/health")
     async def health_view(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
-        circuit_open = model is not None and model.breaker_open
-        body = {"status": "degraded" if circuit_open else "ok", "inference": model is not None}
-        return web.json(body | {"triton_circuit_open": circuit_open})
+        return web.json(step.health())
 
     return app
 
@@ -117,87 +123,164 @@ class Sendable(Protocol):
     async def send(self, *, key: bytes, value: bytes, headers: Any = None) -> Awaitable[Any]: ...
 
 
+class Tables(Protocol):
+    """The two tables: the user's state and its latest record. `put` returns what to await for durability."""
+
+    def get_state(self, key: bytes) -> bytes | None: ...
+    def get_record(self, key: bytes) -> bytes | None: ...
+    def put(self, key: bytes, state: bytes, record: bytes | None) -> list[Awaitable[Any]]: ...
+
+
+class FaustTables:
+    """`user_state` and `user_interest`. A write goes to RocksDB and to the table's changelog, and the changelog
+    send is handed back to be awaited (a plain `table[key] = v` gives no way to wait for the changelog)."""
+
+    def __init__(self, states: faust.Table, interests: faust.Table) -> None:
+        self.states, self.interests = states, interests
+
+    def get_state(self, key: bytes) -> bytes | None:
+        return self.states.get(key)
+
+    def get_record(self, key: bytes) -> bytes | None:
+        return self.interests.get(key)
+
+    def put(self, key: bytes, state: bytes, record: bytes | None) -> list[Awaitable[Any]]:
+        partition = current_event().message.partition  # type: ignore[union-attr]  # set by _as_current
+        sent = []
+        for table, value in ((self.states, state), (self.interests, record)):
+            if value is not None:
+                table.data[key] = value  # RocksDB, in the partition of the current event
+                sent.append(table.send_changelog(partition, key, value))
+        return sent
+
+
 Pairs = Sequence[tuple[Event, EventT]]
+Seen = set[tuple[int, int]]  # (partition, offset) of the messages already dead-lettered in this batch
+DeadLetters = list[tuple[tuple[int, int], Awaitable[Any]]]  # this attempt's DLQ sends, awaited at its end
 
 
 class BatchStep:
-    """Validate, fold per user, infer, publish, store: one `take()` batch. Dependencies are passed in, so the step
-    runs in unit tests on plain dicts and fake topics. Safe to repeat: stored states only move forward."""
+    """Validate, fold per user, infer, store, publish: one `take()` batch. Dependencies are passed in, so the step
+    runs in unit tests on fakes.
+
+    Effectively once, per user: the new state and its record are written (RocksDB + changelogs, awaited) before
+    the record is published, and the state remembers the highest input offset it holds. After a crash the
+    uncommitted input is read again; those events are replays (`Outcome.REPLAY`), which change nothing, and the
+    user's stored record is published again byte for byte. So a `(user, seq)` has exactly one content, a valid
+    event is never dead-lettered because of a crash, and `events_seen` / `sessions_seen` stay exact.
+    """
 
     def __init__(
         self,
         settings: Settings,
-        states: MutableMapping[bytes, bytes],
-        interests: MutableMapping[bytes, bytes],
+        tables: Tables,
         dlq: Sendable,
         output: Sendable,
         model: InterestModel | None,
         *,
         on_stage: Callable[[str, int], None] | None = None,
     ) -> None:
-        self.states, self.interests, self.dlq, self.output, self.model = states, interests, dlq, output, model
+        self.tables, self.dlq, self.output, self.model = tables, dlq, output, model
         self.session_cfg = settings.session_config()
         self.max_bytes, self.max_future_ms = settings.event_max_bytes, round(settings.event_max_future_s * 1000)
+        self.dlq_max_bytes, self.stall_s = settings.dlq_max_value_bytes, settings.health_stall_s
         self.on_stage = on_stage or (lambda point, published: None)
         self.published = 0
+        self.started: dict[int, float] = {}  # batches in flight: id -> monotonic start
+        self.failing: set[int] = set()  # batches whose last attempt failed (being retried)
 
     async def process_until_done(self, batch: list[EventT]) -> None:
         """Faust acks a take() batch even when the agent raises, so a failed batch is retried here, never left:
-        a stuck batch stalls the partition loudly (lag alert, ERROR logs) instead of committing lost updates."""
-        delay_s = 0.5
-        while True:
-            try:
-                return await self.process(batch)
-            except Exception:
-                metrics.BATCH_FAILURES.inc()
-                log.exception("batch of %d events failed; retrying in %.1f s (offsets stay uncommitted)",
-                              len(batch), delay_s)  # fmt: skip
-                await asyncio.sleep(delay_s)
-                delay_s = min(2 * delay_s, 30.0)
+        a stuck batch stalls its partition loudly (lag alert, /health degraded, ERROR logs) instead of committing
+        lost updates. A retried batch never dead-letters a message twice."""
+        delay_s, seen, me = 0.5, Seen(), id(batch)
+        self.started[me] = time.monotonic()
+        try:
+            while True:
+                try:
+                    return await self.process(batch, seen)
+                except Exception:
+                    self.failing.add(me)
+                    metrics.BATCH_FAILURES.inc()
+                    log.exception("batch of %d events failed; retrying in %.1f s (offsets stay uncommitted)",
+                                  len(batch), delay_s)  # fmt: skip
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(2 * delay_s, 30.0)
+        finally:
+            self.started.pop(me, None)
+            self.failing.discard(me)
 
-    async def process(self, batch: list[EventT]) -> None:
+    async def process(self, batch: list[EventT], seen: Seen | None = None) -> None:
+        seen, dead = (Seen() if seen is None else seen), DeadLetters()
+        try:
+            await self._process(batch, seen, dead)
+        finally:  # also when the attempt fails: a retry must know exactly which DLQ records were delivered
+            results = await asyncio.gather(*(sent for _, sent in dead), return_exceptions=True)
+            seen.update(where for (where, _), r in zip(dead, results, strict=True) if not isinstance(r, BaseException))
+            if failed := next((r for r in results if isinstance(r, BaseException)), None):
+                raise failed
+
+    async def _process(self, batch: list[EventT], seen: Seen, dead: DeadLetters) -> None:
         by_user: dict[bytes, list[tuple[Event, EventT]]] = {}
         for ev in batch:
             msg = ev.message
             parsed = parse_event(msg.value, msg.key or b"", max_bytes=self.max_bytes, max_future_ms=self.max_future_ms)
             if isinstance(parsed, Rejection):
-                await self.dead_letter(ev, parsed)
+                await self.dead_letter(ev, parsed, seen, dead)
             else:
                 by_user.setdefault(msg.key, []).append((parsed, ev))
         to_publish: list[tuple[bytes, UserState, Pairs]] = []
+        republish: list[bytes] = []
         for key, pairs in by_user.items():
-            state, changed = await self.fold(key, pairs)
-            if self.model is None:
-                if changed:
-                    self.store(key, state, pairs, None)
-            elif state.dirty:  # changed now, or stored unpublished (written while inference was off)
+            old, state, report = await self.fold(key, pairs, seen, dead)
+            if self.model is not None and state.dirty:  # changed now, or stored while inference was off
                 to_publish.append((key, state, pairs))
+            elif state is not old:  # ingest only, or identities' bookkeeping: store, nothing to publish
+                await asyncio.gather(*self.store(key, state, pairs, None))
+            elif Outcome.REPLAY in report.outcomes and state.seq > 0:
+                republish.append(key)  # the stored record may not have reached the output before the crash
         if to_publish:
             await self.publish(to_publish)
+        records = [(key, rec) for key in republish if (rec := self.tables.get_record(key)) is not None]
+        if records:
+            await asyncio.gather(*[await self.output.send(key=key, value=rec) for key, rec in records])
+            metrics.OUTPUTS_REPUBLISHED.inc(len(records))
 
-    async def fold(self, key: bytes, pairs: Pairs) -> tuple[UserState, bool]:
-        """Fold one user's events into its stored state; the new state and whether it changed."""
+    async def fold(
+        self, key: bytes, pairs: Pairs, seen: Seen, dead: DeadLetters
+    ) -> tuple[UserState, UserState, Applied]:
+        """Fold one user's events into its stored state: (stored state, new state, what each event did)."""
         _as_current(pairs[-1][1])
-        state = decode_state(self.states.get(key))
-        new_state, report = apply_events(state, [e for e, _ in pairs], self.session_cfg)
+        state = decode_state(self.tables.get_state(key))
+        offsets = [ev.message.offset for _, ev in pairs]
+        new_state, report = apply_events(state, [e for e, _ in pairs], self.session_cfg, offsets)
         for outcome, (event, ev) in zip(report.outcomes, pairs, strict=True):
             if outcome is Outcome.APPLIED:
                 metrics.EVENTS_CONSUMED.labels(metrics.event_type_label(event.event_type)).inc()
             elif outcome is Outcome.DUPLICATE:
                 metrics.DUPLICATES_IGNORED.inc()
+            elif outcome is Outcome.REPLAY:
+                metrics.EVENTS_REPLAYED.inc()
             else:
                 lag_s = (new_state.ts[-1] - event.timestamp) / 1000
-                await self.dead_letter(ev, Rejection("late", f"event time is {lag_s:.0f} s behind the user's latest"))
+                reason = Rejection("late", f"event time is {lag_s:.0f} s behind the user's latest")
+                await self.dead_letter(ev, reason, seen, dead)
         metrics.SESSIONS_STARTED.inc(report.new_sessions)
-        return new_state, report.changed
+        return state, new_state, report
 
     async def publish(self, updates: list[tuple[bytes, UserState, Pairs]]) -> None:
-        """Infer, publish and wait for delivery, and only then store the new states (see the module docstring)."""
+        """Infer; store the new states with their records and wait for the changelogs; then publish."""
         assert self.model is not None
         metrics.USERS_PENDING.set(len(updates))
         states = [replace(state, seq=state.seq + 1, dirty=False) for _, state, _ in updates]
-        self.on_stage("before_publish", self.published)
         records = await self.model.records([key.decode() for key, _, _ in updates], states)
+        durable = [
+            sent
+            for (key, _, pairs), state, rec in zip(updates, states, records, strict=True)
+            for sent in self.store(key, state, pairs, rec)
+        ]
+        await asyncio.gather(*durable)
+        self.on_stage("before_publish", self.published)
         delivered = [
             await self.output.send(key=key, value=rec) for (key, _, _), rec in zip(updates, records, strict=True)
         ]
@@ -206,24 +289,25 @@ class BatchStep:
         metrics.OUTPUTS_PUBLISHED.inc(len(records))
         self.published += len(records)
         self.on_stage("after_publish", self.published)
-        for (key, _, pairs), state, rec in zip(updates, states, records, strict=True):
-            self.store(key, state, pairs, rec)
+        for _, _, pairs in updates:
             for event, ev in pairs:
                 metrics.EVENT_TO_OUTPUT_SECONDS.observe(max(0.0, published_at - ev.message.timestamp))
                 metrics.EVENT_TIME_LAG_SECONDS.observe(max(0.0, published_at - event.timestamp / 1000))
         metrics.USERS_PENDING.set(0)
 
-    def store(self, key: bytes, state: UserState, pairs: Pairs, record: bytes | None) -> None:
+    def store(self, key: bytes, state: UserState, pairs: Pairs, record: bytes | None) -> list[Awaitable[Any]]:
         _as_current(pairs[-1][1])
         data = encode_state(state)
         metrics.STATE_BYTES.observe(len(data))
-        self.states[key] = data
-        if record is not None:
-            self.interests[key] = record
+        return self.tables.put(key, data, record)
 
-    async def dead_letter(self, ev: EventT, rejection: Rejection) -> None:
+    async def dead_letter(self, ev: EventT, rejection: Rejection, seen: Seen, pending: DeadLetters) -> None:
+        """One DLQ record per message: the original bytes (truncated to DLQ_MAX_VALUE_BYTES, so a message too
+        large to forward cannot block its partition) with the reason and the original's identity in headers."""
         msg = ev.message
-        metrics.EVENTS_REJECTED.labels(rejection.reason).inc()
+        if (msg.partition, msg.offset) in seen:
+            return  # already dead-lettered by an earlier attempt at this batch
+        value, key = msg.value or b"", msg.key or b""
         headers = [
             ("dlq.reason", rejection.reason.encode()),
             ("dlq.detail", rejection.detail.encode()[:1024]),
@@ -231,8 +315,33 @@ class BatchStep:
             ("dlq.partition", str(msg.partition).encode()),
             ("dlq.offset", str(msg.offset).encode()),
             ("dlq.time_ms", str(int(time.time() * 1000)).encode()),
+            ("dlq.original_bytes", str(len(value)).encode()),
+            ("dlq.sha256", hashlib.sha256(value).hexdigest().encode()),
         ]
-        await self.dlq.send(key=msg.key, value=msg.value, headers=headers)
+        if len(value) > self.dlq_max_bytes or len(key) > 1024:
+            headers.append(("dlq.truncated", b"1"))
+        sent = await self.dlq.send(key=key[:1024], value=value[: self.dlq_max_bytes], headers=headers)
+        pending.append(((msg.partition, msg.offset), sent))
+        metrics.EVENTS_REJECTED.labels(rejection.reason).inc()
+
+    def health(self) -> dict[str, Any]:
+        """ "degraded" while inference fails (circuit open, a batch being retried) or a batch has been in flight
+        longer than HEALTH_STALL_S (Triton hanging, or events waiting with no output)."""
+        now = time.monotonic()
+        oldest_s = max((now - t for t in self.started.values()), default=0.0)
+        circuit_open = self.model is not None and self.model.breaker_open
+        problems = [
+            *(["triton circuit open"] if circuit_open else []),
+            *([f"{len(self.failing)} batch(es) failing, retried"] if self.failing else []),
+            *([f"a batch in flight for {oldest_s:.1f} s"] if oldest_s > self.stall_s else []),
+        ]
+        return {
+            "status": "degraded" if problems else "ok",
+            "problems": problems,
+            "inference": self.model is not None,
+            "triton_circuit_open": circuit_open,
+            "oldest_batch_s": round(oldest_s, 3),
+        }
 
 
 def _as_current(event: EventT) -> None:

@@ -17,7 +17,12 @@ EVENTS_CONSUMED = Counter("interest_events_consumed_total", "Valid events read f
 EVENTS_REJECTED = Counter(
     "interest_events_rejected_total", "Messages sent to the dead-letter topic, by reason.", ["reason"]
 )
-DUPLICATES_IGNORED = Counter("interest_duplicates_ignored_total", "Events ignored as repeats of a retained one.")
+DUPLICATES_IGNORED = Counter(
+    "interest_duplicates_ignored_total", "Events ignored as repeats of one seen within the lateness horizon."
+)
+EVENTS_REPLAYED = Counter(
+    "interest_events_replayed_total", "Events read again after a crash or rebalance (offset already in the state)."
+)
 SESSIONS_STARTED = Counter("interest_sessions_started_total", "Events that opened a new session.")
 USERS_IN_STATE = Gauge("interest_users_in_state", "Users held in this worker's state table.")
 USERS_PENDING = Gauge("interest_users_pending_inference", "Users whose state changed and await inference.")
@@ -37,6 +42,10 @@ BATCH_FAILURES = Counter(
 )
 CIRCUIT_OPEN = Gauge("interest_triton_circuit_open", "1 while the Triton circuit breaker is open, else 0.")
 OUTPUTS_PUBLISHED = Counter("interest_outputs_published_total", "Interest records published to the output topic.")
+OUTPUTS_REPUBLISHED = Counter(
+    "interest_outputs_republished_total", "Stored records published again, byte for byte, after a replay."
+)
+WORKER_DEGRADED = Gauge("interest_worker_degraded", "1 while /health says degraded (inference failing or stalled).")
 EVENT_TO_OUTPUT_SECONDS = Histogram(
     "interest_event_to_output_seconds",
     "From an event's Kafka record timestamp (when it was produced) to its user's published update.",

@@ -39,12 +39,16 @@ class Settings(BaseSettings):
     # --- Event contract limits.
     event_max_bytes: int = Field(16 * 1024, ge=256)
     event_max_future_s: float = Field(600.0, ge=0, description="reject event times this far past the clock")
+    # A DLQ record carries at most this much of the original value (headers: original size and sha256), so a
+    # message too large for the producer cannot fail its batch.
+    dlq_max_value_bytes: int = Field(64 * 1024, ge=1024, le=900_000)
 
     # --- Sessionization and state bounds.
     session_gap_s: float = Field(1800.0, gt=0)
     session_lateness_s: float = Field(3600.0, ge=0)
     state_max_events: int = Field(200, ge=1)
     state_max_sessions: int = Field(20, ge=1)
+    state_max_ids: int = Field(2000, ge=0, description="evicted event ids remembered to drop duplicates")
     state_dir: Path = Path(".local/state")
 
     # --- Triton inference server (gRPC).
@@ -74,6 +78,7 @@ class Settings(BaseSettings):
     worker_max_poll_interval_s: float = Field(1000.0, gt=0, description="a worker not polling this long leaves")
     worker_standby_replicas: int = Field(1, ge=0, description="Faust standby copies of each table partition")
     metrics_port: int = Field(9108, ge=0, le=65535)
+    health_stall_s: float = Field(4.0, gt=0, description="/health is degraded once a batch takes longer than this")
 
     @property
     def topic_dlq(self) -> str:
@@ -85,6 +90,7 @@ class Settings(BaseSettings):
             lateness_ms=round(self.session_lateness_s * 1000),
             max_events=self.state_max_events,
             max_sessions=self.state_max_sessions,
+            max_ids=self.state_max_ids,
         )
 
     def kafka_client_kwargs(self) -> dict[str, object]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
+from unittest.mock import AsyncMock, patch
 
 import pytest
 
@@ -44,6 +46,24 @@ class FakeTopic:
 
 
 @dataclass
+class DictTables:
+    states: dict[bytes, bytes] = field(default_factory=dict)
+    records: dict[bytes, bytes] = field(default_factory=dict)
+
+    def get_state(self, key: bytes) -> bytes | None:
+        return self.states.get(key)
+
+    def get_record(self, key: bytes) -> bytes | None:
+        return self.records.get(key)
+
+    def put(self, key: bytes, state: bytes, record: bytes | None) -> list[Any]:
+        self.states[key] = state
+        if record is not None:
+            self.records[key] = record
+        return []
+
+
+@dataclass
 class FakeModel:
     """Records are JSON of what the model saw; `fail` failures come first."""
 
@@ -65,17 +85,16 @@ def message(user: str, i: int, offset: int, **kw: Any) -> FakeEvent:
     return FakeEvent(Message(user.encode(), encode_event(event), offset=offset, **kw))
 
 
-def make_step(
-    model: FakeModel | None,
-) -> tuple[BatchStep, dict[bytes, bytes], dict[bytes, bytes], FakeTopic, FakeTopic]:
-    states, interests, dlq, output = {}, {}, FakeTopic(), FakeTopic()
-    step = BatchStep(Settings(_env_file=None), states, interests, dlq, output, model)  # type: ignore[arg-type]
-    return step, states, interests, dlq, output
+def make_step(model: FakeModel | None, **settings: Any) -> tuple[BatchStep, DictTables, FakeTopic, FakeTopic]:
+    tables, dlq, output = DictTables(), FakeTopic(), FakeTopic()
+    step = BatchStep(Settings(_env_file=None, **settings), tables, dlq, output, model)  # type: ignore[arg-type]
+    return step, tables, dlq, output
 
 
 def test_batch_infers_once_publishes_then_stores() -> None:
     model = FakeModel()
-    step, states, interests, dlq, output = make_step(model)
+    step, tables, dlq, output = make_step(model)
+    states, interests = tables.states, tables.records
     batch = [message("a", 1, 0), message("b", 1, 1), message("a", 2, 2)]
     asyncio.run(step.process(batch))
     assert model.calls == [["a", "b"]], "one inference request for every changed user of the batch"
@@ -89,31 +108,84 @@ def test_batch_infers_once_publishes_then_stores() -> None:
 
 
 def test_bad_input_goes_to_the_dlq_and_the_rest_is_applied() -> None:
-    step, states, _, dlq, output = make_step(FakeModel())
+    step, tables, dlq, output = make_step(FakeModel())
     batch = [message("a", 1, 0), FakeEvent(Message(b"a", b"{not json", offset=7)), message("b", 1, 8)]
     asyncio.run(step.process(batch))
     ((key, value, headers),) = dlq.sent
     assert (key, value, headers["dlq.reason"], headers["dlq.offset"]) == (b"a", b"{not json", b"invalid_json", b"7")
-    assert len(output.sent) == 2 and set(states) == {b"a", b"b"}
+    assert len(output.sent) == 2 and set(tables.states) == {b"a", b"b"}
+
+
+def test_an_oversized_message_is_dead_lettered_truncated_with_its_identity() -> None:
+    step, _, dlq, _ = make_step(FakeModel(), dlq_max_value_bytes=4096)
+    big = b"x" * 2_000_000
+    asyncio.run(step.process([FakeEvent(Message(b"a", big, partition=3, offset=11))]))
+    ((_, value, headers),) = dlq.sent
+    assert value == big[:4096] and headers["dlq.truncated"] == b"1" and headers["dlq.reason"] == b"too_large"
+    assert headers["dlq.original_bytes"] == b"2000000" and headers["dlq.partition"] == b"3"
+    assert headers["dlq.sha256"] == hashlib.sha256(big).hexdigest().encode()
+
+
+def test_a_retried_batch_dead_letters_each_message_once() -> None:
+    model = FakeModel(fail=2)
+    step, _, dlq, output = make_step(model)
+    batch = [FakeEvent(Message(b"a", b"garbage", offset=0)), message("a", 1, 1)]
+    with patch("stream.app.asyncio.sleep", AsyncMock()):
+        asyncio.run(step.process_until_done(batch))
+    assert len(model.calls) == 3 and len(output.sent) == 1
+    assert [h["dlq.offset"] for _, _, h in dlq.sent] == [b"0"], "three attempts, one DLQ record"
+
+
+def test_a_replay_republishes_the_stored_record_byte_for_byte() -> None:
+    """A crash after the state was stored but before (or after) the publish: the same input comes again."""
+    model = FakeModel()
+    step, tables, _, output = make_step(model)
+    batch = [message("a", 1, 0), message("a", 2, 1)]
+    asyncio.run(step.process(batch))
+    stored = dict(tables.states)
+    asyncio.run(step.process(batch))  # the replay
+    assert tables.states == stored and len(model.calls) == 1, "a replay neither folds nor infers again"
+    assert [v for _, v, _ in output.sent] == [tables.records[b"a"]] * 2
+    asyncio.run(step.process([*batch, message("a", 3, 2)]))  # replay plus one new event: the next seq
+    assert json.loads(output.sent[-1][1]) == {"user": "a", "seq": 2, "events": 3}
+
+
+def test_health_degrades_while_a_batch_fails_or_stalls() -> None:
+    model = FakeModel(fail=1)
+    step, *_ = make_step(model, health_stall_s=0.05)
+    assert step.health()["status"] == "ok"
+    seen: list[dict[str, Any]] = []
+
+    async def run() -> None:
+        task = asyncio.create_task(step.process_until_done([message("a", 1, 0)]))
+        await asyncio.sleep(0.1)  # first attempt failed, the retry waits 0.5 s
+        seen.append(step.health())
+        await task
+        seen.append(step.health())
+
+    asyncio.run(run())
+    assert seen[0]["status"] == "degraded" and any("failing" in p for p in seen[0]["problems"])
+    assert any("in flight" in p for p in seen[0]["problems"])
+    assert seen[1]["status"] == "ok"
 
 
 def test_a_failed_inference_stores_nothing_and_is_retried() -> None:
     model = FakeModel(fail=1)
-    step, states, _, _, output = make_step(model)
+    step, tables, _, output = make_step(model)
     batch = [message("a", 1, 0)]
     with pytest.raises(RuntimeError):
         asyncio.run(step.process(batch))
-    assert states == {} and output.sent == [], "no state moves forward without its published record"
+    assert tables.states == {} and output.sent == [], "no state moves forward without its record"
     asyncio.run(step.process_until_done(batch))  # the retry loop: the second attempt succeeds
-    assert len(model.calls) == 2 and decode_state(states[b"a"]).seq == 1 and len(output.sent) == 1
+    assert len(model.calls) == 2 and decode_state(tables.states[b"a"]).seq == 1 and len(output.sent) == 1
 
 
 def test_ingest_only_stores_state_without_publishing() -> None:
-    step, states, interests, _, output = make_step(None)
+    step, tables, _, output = make_step(None)
     asyncio.run(step.process([message("a", 1, 0), message("a", 2, 1)]))
-    state = decode_state(states[b"a"])
+    state = decode_state(tables.states[b"a"])
     assert (state.events_seen, state.seq, state.dirty) == (2, 0, True)  # dirty: published once inference is on
-    assert output.sent == [] and interests == {}
+    assert output.sent == [] and tables.records == {}
 
 
 def test_stages_are_reported_for_fault_injection() -> None:
