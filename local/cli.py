@@ -161,3 +161,16 @@ def bench_pipeline(
         naive_events=naive_events, latency_s=latency_s, seed=seed, log=typer.echo,
     )  # fmt: skip
     print_result(result)
+
+
+@bench.command("hol")
+def bench_hol(
+    hot_events: int = typer.Option(100_000, help="Events of the one hot user, published before the worker starts"),
+    probes: int = typer.Option(50, help="Other users sending one live event per second each"),
+    seconds: float = typer.Option(20.0, help="Seconds of probes at least (they go on until the backlog drained)"),
+    repo: Path = typer.Option(Path("artifacts/model_repository-twin"), help="Triton twin repository to serve"),
+) -> None:
+    """Head-of-line blocking: other users' event->output latency while one user's huge backlog drains."""
+    from local.bench.hol import print_result, run
+
+    print_result(run(repo, hot_events=hot_events, probes=probes, seconds=seconds, log=typer.echo))

@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     # (the ingest profile showed ~1 request per write, ~11 % of the worker's time); a few ms coalesces them.
     worker_producer_linger_ms: int = Field(5, ge=0, le=1000)
     worker_log_level: str = "info"
+    # Bytes one fetch takes from a partition. Small, so a partition with a large backlog (one user sending 100k
+    # events) delays the others by one small fetch (Faust interleaves fetched partitions round-robin).
+    worker_max_partition_fetch_bytes: int = Field(64 * 1024, ge=1024)
     worker_max_poll_records: int = Field(1000, ge=1, description="records per consumer poll (bounded: see app.py)")
     worker_max_poll_interval_s: float = Field(1000.0, gt=0, description="a worker not polling this long leaves")
     worker_standby_replicas: int = Field(1, ge=0, description="Faust standby copies of each table partition")

@@ -146,7 +146,8 @@ def test_a_replay_republishes_the_stored_record_byte_for_byte() -> None:
     asyncio.run(step.process(batch))  # the replay
     assert tables.states == stored and len(model.calls) == 1, "a replay neither folds nor infers again"
     assert [v for _, v, _ in output.sent] == [tables.records[b"a"]] * 2
-    asyncio.run(step.process([*batch, message("a", 3, 2)]))  # replay plus one new event: the next seq
+    asyncio.run(step.process([*batch, message("a", 3, 2)]))  # replay plus one new event: seq 1 again, then 2
+    assert [json.loads(v)["seq"] for _, v, _ in output.sent] == [1, 1, 1, 2], "no seq skipped, none reordered"
     assert json.loads(output.sent[-1][1]) == {"user": "a", "seq": 2, "events": 3}
 
 

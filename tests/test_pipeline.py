@@ -8,6 +8,7 @@ onnxruntime. The worker's last published record of every user must equal that wi
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,13 +19,13 @@ import numpy as np
 import pytest
 
 from core.schema import Event, decode_record
-from core.sessions import state_from_events
+from core.sessions import decode_state, state_from_events
 from local.broker import LocalBroker, ensure_topics
 from local.replay import replay
 from local.triton import LocalTriton
 from models.datasets import by_user, movielens_events
 from stream.settings import Settings
-from tests.fixtures.worker import Worker, read_topic, wait_caught_up, wait_for
+from tests.fixtures.worker import READY_LINE, Worker, read_topic, wait_caught_up, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.triton]
 TABLES = ("user_state", "user_interest")
@@ -45,15 +46,9 @@ def pipeline_settings(make: Callable[..., Settings], export: Any, triton_url: st
     )
 
 
-def assert_parity(
-    settings: Settings, export: Any, events: list[Event], *, exact_counts: bool = True
-) -> dict[str, list[int]]:
-    """Last record per user == offline model output; per-user seq never goes back and skips none.
-
-    `exact_counts=False` after a crash: events replayed from the last committed offset are recognised only
-    while they are still retained, so a replayed event that the bound had already evicted counts again in
-    `events_seen` / `sessions_seen` (docs/output.md). The retained history, and so the model's output, is exact.
-    """
+def assert_parity(settings: Settings, export: Any, events: list[Event]) -> dict[str, list[int]]:
+    """Last record per user == offline model output, counts included (also after a crash: replays are
+    recognised by their input offset); per-user seq never goes back and skips none."""
     import onnxruntime as ort
 
     from core.encoding import encode_batch
@@ -83,10 +78,8 @@ def assert_parity(
     for i, user in enumerate(users):
         rec, state = last[user], states[i]
         assert rec.last_event_ms == state.ts[-1] and rec.sessions == len(state.starts)
-        if exact_counts:
-            assert rec.events_seen == state.events_seen and rec.sessions_seen == state.sessions_seen
-        else:
-            assert rec.events_seen >= state.events_seen and rec.sessions_seen >= state.sessions_seen
+        counts, want_counts = (rec.events_seen, rec.sessions_seen), (state.events_seen, state.sessions_seen)
+        assert counts == want_counts, f"user {user}: (events_seen, sessions_seen) {counts}, offline {want_counts}"
         np.testing.assert_allclose(rec.interest, want["interest"][i], atol=1e-4, err_msg=f"user {user}")
         got_scores = np.array([s.score for s in rec.top_items])
         np.testing.assert_allclose(got_scores, want["top_scores"][i], atol=1e-4, err_msg=f"user {user}")
@@ -154,43 +147,182 @@ def replay_events(settings: Settings, events: list[Event], rate: float | None) -
     run_sync(publish(settings, [(e.user_id.encode(), encode_event(e)) for e in events], rate=rate, progress=False))
 
 
-@pytest.mark.parametrize("point", ["before_publish", "after_publish"])
-def test_sigkill_between_state_update_and_publish_loses_nothing(
-    point: str, start_worker: Callable[..., Worker], ml_export: Any, ml_triton: LocalTriton, tmp_path: Path
-) -> None:
-    """SIGKILL inside the publish path, then restart: every update still reaches the output topic.
+def assert_one_content_per_seq(settings: Settings) -> dict[tuple[str, int], int]:
+    """Every record published twice for a `(user, seq)` (a replay after a crash) has identical bytes."""
+    first: dict[tuple[str, int], bytes] = {}
+    copies: dict[tuple[str, int], int] = {}
+    for r in read_topic(settings, settings.topic_output):
+        rec = decode_record(r.value)
+        where = (rec.user_id, rec.seq)
+        if first.setdefault(where, r.value) != r.value:
+            raise AssertionError(f"{where} was published with two contents:\n{first[where]!r}\n{r.value!r}")
+        copies[where] = copies.get(where, 0) + 1
+    return copies
 
-    noida-db never evicts a SIGKILLed group member, so (as an operator would restart a wedged broker) the test
-    stops the broker cleanly after the kill and starts it again on the same data dir and port.
-    """
-    events = [e for e in movielens_events() if int(e.user_id) <= 60]
-    broker = LocalBroker(tmp_path / "broker").start()
-    try:
-        settings = Settings(
-            kafka_bootstrap_servers=broker.bootstrap,
+
+class KillRig:
+    """A private broker for kill tests: noida-db never evicts a SIGKILLed group member, so (as an operator would
+    restart a wedged broker) the broker is stopped cleanly after each kill and started on the same dir and port."""
+
+    def __init__(self, root: Path, triton: LocalTriton, export: Any, **overrides: Any) -> None:
+        self.root = root
+        self.broker = LocalBroker(root / "broker").start()
+        self.settings = Settings(
+            kafka_bootstrap_servers=self.broker.bootstrap,
             app_id="kill-test",
-            state_dir=tmp_path / "state",
-            triton_url=ml_triton.grpc_url,
-            model_dir=ml_export.twin / "interest_transformer",
+            state_dir=root / "state",
+            triton_url=triton.grpc_url,
+            model_dir=export.twin / "interest_transformer",
             worker_web_port=0,
-            worker_batch_max=200,
             _env_file=None,
+            **overrides,
         )
-        ensure_topics(settings, tables=TABLES)
-        faulty = start_worker(settings, name="faulty", env={"FAULT_KILL_AT": point, "FAULT_KILL_AFTER_OUTPUTS": "50"})
-        replay_events(settings, events, rate=None)
-        wait_for(lambda: not faulty.alive, 120, "the injected SIGKILL")
+        ensure_topics(self.settings, tables=TABLES)
+
+    def restart_broker(self) -> None:
+        port = self.broker.port
+        self.broker.stop()
+        self.broker = LocalBroker(self.root / "broker", port=port).start()
+
+    def crash(self, start_worker: Callable[..., Worker], name: str, point: str, after: int) -> bool:
+        """Run a worker that SIGKILLs itself at `point` after `after` outputs; False when it caught up first."""
+        env = {"FAULT_KILL_AT": point, "FAULT_KILL_AFTER_OUTPUTS": str(after)}
+        faulty = start_worker(self.settings, name=name, env=env, ready_timeout_s=None)  # it may die at once
+
+        def dead_or_done() -> bool:
+            if not faulty.alive:
+                return True
+            return READY_LINE in faulty.log_text() and caught_up(self.settings)
+
+        wait_for(dead_or_done, 120, f"{name}: the injected SIGKILL or the end of the input")
+        if faulty.alive:
+            faulty.stop()
+            return False
         faulty.killed = True
         assert "fault injection: SIGKILL" in faulty.log_text()
-        port = broker.port
-        broker.stop()
-        broker = LocalBroker(tmp_path / "broker", port=port).start()
-        worker = start_worker(settings, name="restarted")
-        wait_caught_up(settings, [worker], timeout_s=300)
-        seqs = assert_parity(settings, ml_export, events, exact_counts=False)
-        repeats = sum(len(s) - len(set(s)) for s in seqs.values())
-        if point == "after_publish":
-            assert repeats > 0, "records published before the kill are published again (same seq) after it"
+        self.restart_broker()
+        return True
+
+
+def caught_up(settings: Settings) -> bool:
+    from local.broker import run_sync
+    from tests.fixtures.worker import _offsets
+
+    ends, committed = run_sync(_offsets(settings, settings.topic_events, settings.app_id))
+    return all(committed.get(p, 0) >= end for p, end in ends.items())
+
+
+def test_a_record_republished_after_a_crash_is_the_same_record(
+    start_worker: Callable[..., Worker], ml_export: Any, ml_triton: LocalTriton, tmp_path: Path
+) -> None:
+    """The issue's repro: SIGKILL after publishing seq 1 and before the input offset is committed; 5 more events
+    arrive while the worker is down. The restarted worker must publish seq 1 again with the same content, then
+    seq 2 with all 6 events, and dead-letter nothing."""
+    events = sorted((e for e in movielens_events() if e.user_id == "1"), key=lambda e: e.timestamp)[:6]
+    rig = KillRig(tmp_path, ml_triton, ml_export)
+    try:
+        replay_events(rig.settings, events[:1], rate=None)
+        assert rig.crash(start_worker, "faulty", "after_publish", 1), "the worker was killed after its publish"
+        replay_events(rig.settings, events[1:], rate=None)
+        worker = start_worker(rig.settings, name="restarted")
+        wait_caught_up(rig.settings, [worker], timeout_s=120)
+        copies = assert_one_content_per_seq(rig.settings)
+        records = [decode_record(r.value) for r in read_topic(rig.settings, rig.settings.topic_output)]
+        assert [r.seq for r in records] == [1, 1, 2] and copies == {("1", 1): 2, ("1", 2): 1}
+        assert [r.events_seen for r in records] == [1, 1, 6]
+        assert read_topic(rig.settings, rig.settings.topic_dlq) == []
+        assert worker.metric("interest_events_replayed_total") == 1
         worker.stop()
     finally:
-        broker.stop()
+        rig.broker.stop()
+
+
+def test_a_crash_loop_loses_nothing_and_publishes_one_content_per_seq(
+    start_worker: Callable[..., Worker], ml_export: Any, ml_triton: LocalTriton, tmp_path: Path
+) -> None:
+    """Events arrive in four chunks; after each, a worker is SIGKILLed at a random publish stage after a random
+    number of outputs (seeded). Then a clean worker catches up: every user's last record equals the offline
+    model with exact counts, every repeated `(user, seq)` has one content, and no valid event was dead-lettered
+    (before the fix, replays of evicted events went to the DLQ as `late`)."""
+    import random
+
+    rng = random.Random(int(os.environ.get("KSEED", "11")))
+    events = [e for e in movielens_events() if int(e.user_id) <= 60]
+    by_time = sorted(events, key=lambda e: e.timestamp)
+    chunks = [by_time[i * len(by_time) // 4 : (i + 1) * len(by_time) // 4] for i in range(4)]  # no event late
+    rig = KillRig(tmp_path, ml_triton, ml_export, worker_batch_max=50, state_max_events=50)
+    try:
+        kills = 0
+        sent: list[Event] = []
+        for i, chunk in enumerate(chunks):
+            sent += chunk
+            replay_events(rig.settings, chunk, rate=None)
+            point = ("before_publish", "after_publish")[i % 2]
+            kills += rig.crash(start_worker, f"faulty{i}", point, rng.randint(1, 10))
+        assert kills >= 3
+        worker = start_worker(rig.settings, name="clean")
+        wait_caught_up(rig.settings, [worker], timeout_s=300)
+        assert_parity(rig.settings, ml_export, events)
+        copies = assert_one_content_per_seq(rig.settings)
+        assert max(copies.values()) >= 2, "a crash after a publish made the worker publish a record again"
+        assert read_topic(rig.settings, rig.settings.topic_dlq) == []
+        worker.stop()
+    finally:
+        rig.broker.stop()
+
+
+def test_a_triton_hang_longer_than_the_poll_interval_degrades_health_and_regresses_nothing(
+    make_settings: Callable[..., Settings], start_worker: Callable[..., Worker], ml_export: Any, tmp_path: Path
+) -> None:
+    """Triton freezes (SIGSTOP: connections accepted, no answers) for 15 s, three times WORKER_MAX_POLL_INTERVAL_S,
+    while events flow. `/health` must say "degraded" within 5 s of the first event that waits, the worker must not
+    write a state it no longer owns (per key, the changelog's `events_seen` never goes back), and after Triton
+    resumes every user is exact again."""
+    import json
+    import signal
+    import urllib.request
+
+    from local.process import free_port
+    from tests.fixtures.worker import read_changelog
+
+    def health() -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{settings.worker_web_port}/health", timeout=5) as r:
+            return json.loads(r.read())
+
+    events = [e for e in movielens_events() if int(e.user_id) <= 40]
+    by_time = sorted(events, key=lambda e: e.timestamp)
+    before, during = by_time[: len(by_time) // 2], by_time[len(by_time) // 2 :]
+    with LocalTriton(ml_export.twin, log_file=tmp_path / "triton.log") as triton:
+        settings = pipeline_settings(
+            make_settings, ml_export, triton.grpc_url, worker_web_port=free_port(), worker_max_poll_interval_s=5.0
+        )
+        worker = start_worker(settings)
+        replay_events(settings, before, rate=None)
+        wait_caught_up(settings, [worker], timeout_s=120)
+        assert health()["status"] == "ok"
+        assert triton.pid is not None
+        os.kill(triton.pid, signal.SIGSTOP)
+        try:
+            replay_events(settings, during[:1], rate=None)
+            sent_at = time.monotonic()
+            wait_for(lambda: health()["status"] == "degraded", 10, "/health to say degraded", interval_s=0.1)
+            degraded_after_s = time.monotonic() - sent_at
+            replay_events(settings, during[1:], rate=None)
+            time.sleep(max(0.0, 15 - (time.monotonic() - sent_at)))
+            worker.check_alive()
+            assert health()["status"] == "degraded"
+        finally:
+            os.kill(triton.pid, signal.SIGCONT)
+        wait_caught_up(settings, [worker], timeout_s=300)
+        wait_for(lambda: health()["status"] == "ok", 30, "/health to recover")
+        print(f"degraded {degraded_after_s:.2f} s after the first waiting event")
+        assert degraded_after_s < 5.0, f"degraded only {degraded_after_s:.1f} s after the first waiting event"
+        assert_parity(settings, ml_export, events)
+        seen: dict[bytes, int] = {}
+        for _partition, _offset, key, value in read_changelog(settings).records:
+            assert value is not None
+            now = decode_state(value).events_seen
+            assert now >= seen.get(key, 0), f"user {key!r}: the changelog went back from {seen[key]} to {now}"
+            seen[key] = now
+        assert worker.metric("interest_worker_degraded") == 0
+        assert not [line for line in worker.crash_lines() if "Traceback" in line or "[CRITICAL]" in line]
