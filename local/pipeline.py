@@ -84,13 +84,26 @@ class WorkerProcess:
         return process.stop(timeout_s) if process is not None else None
 
 
-def http_json(url: str, timeout_s: float = 2.0) -> dict[str, Any]:
-    """GET a JSON object; {} when nothing (or an error status) answers."""
+def http_get(url: str, timeout_s: float = 2.0) -> tuple[int | None, dict[str, Any]]:
+    """GET a JSON object: (HTTP status, body). Status None when nothing answers; body {} when it is not JSON."""
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            return json.loads(response.read())
-    except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
-        return {}
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:  # an answer all the same (404 ...): its status and body count
+        status, raw = exc.code, exc.read()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None, {}
+    try:
+        body = json.loads(raw)
+    except json.JSONDecodeError:
+        return status, {}
+    return status, body if isinstance(body, dict) else {}
+
+
+def http_json(url: str, timeout_s: float = 2.0) -> dict[str, Any]:
+    """GET a JSON object; {} when nothing (or an error status) answers."""
+    status, body = http_get(url, timeout_s)
+    return body if status == 200 else {}
 
 
 class LocalPipeline:

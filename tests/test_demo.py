@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from local.pipeline import http_json
+from local.pipeline import http_get, http_json
 from local.scrape import histogram_quantile
 
 pytestmark = [pytest.mark.broker, pytest.mark.triton]
@@ -59,7 +59,8 @@ def test_demo_runs_end_to_end_and_stops_everything_on_ctrl_c(ml_export: Any, tmp
         assert http_json(f"{web}/health")["status"] == "ok"
         user = next(line.split()[1] for line in lines if line.startswith("user "))
         assert http_json(f"{web}/users/{user}/interest")["user_id"] == user
-        assert http_json(f"{web}/users/no-such-user/interest") == {}  # 404
+        status, body = http_get(f"{web}/users/no-such-user/interest")
+        assert status == 404 and body == {"error": "unknown user 'no-such-user'"}
         servers = _children(proc.pid)
         assert len(servers) == 3, "broker, Triton and the worker run as the demo's children"
         proc.send_signal(signal.SIGINT)

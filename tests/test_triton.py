@@ -51,13 +51,24 @@ def test_concurrent_requests_are_batched_and_split_back_in_order(triton_twin, ti
     """Dynamic batching hands the python model several requests at once; each caller gets its own rows."""
     session = ort.InferenceSession(str(tiny_export.onnx_path), providers=["CPUExecutionProvider"])
     xs = [example_inputs(b, 200, TINY_ITEMS, seed=100 + i) for i, b in enumerate((3, 1, 16, 5, 32, 2, 9, 4))]
+    stats = grpcclient.InferenceServerClient(triton_twin.grpc_url)
+    before = executions(stats)
     with ThreadPoolExecutor(len(xs)) as pool:
         clients = [grpcclient.InferenceServerClient(triton_twin.grpc_url) for _ in xs]
         results = list(pool.map(infer, clients, xs))
+    requests, runs = (after - was for after, was in zip(executions(stats), before, strict=True))
+    assert requests == len(xs) and runs < requests, f"{requests} requests ran as {runs} executions: none batched"
     for x, got in zip(xs, results, strict=True):
         want = session.run(list(OUTPUT_NAMES), x)
         for name, w in zip(OUTPUT_NAMES, want, strict=True):
             np.testing.assert_allclose(got[name], w, atol=1e-6, err_msg=name)
+
+
+def executions(client: grpcclient.InferenceServerClient) -> tuple[int, int]:
+    """(successful requests, model executions) so far, from Triton's statistics: fewer executions than requests
+    means the dynamic batcher put several requests into one execution."""
+    stats = client.get_inference_statistics("interest_transformer", as_json=True)["model_stats"][0]
+    return int(stats["inference_stats"]["success"].get("count", 0)), int(stats.get("execution_count", 0))
 
 
 def test_model_metadata_over_grpc_matches_the_config(triton_twin) -> None:
