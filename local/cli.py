@@ -177,7 +177,7 @@ def bench_live(
     warmup_s: float = typer.Option(5.0, help="Uncounted traffic at the first rate before the sweep"),
     idle_s: float = typer.Option(10.0, help="Seconds over which the idle worker's CPU is read"),
     cost_events: int = typer.Option(20_000, help="Pre-filled events for the worker vs no-op Faust agent cost"),
-    longpoll_ms: float = typer.Option(50.0, help="Cap of the local long-polling shim (local/longpoll.py)"),
+    longpoll_ms: float = typer.Option(100.0, help="Cap of the local long-polling shim's wait (local/longpoll.py)"),
     no_longpoll: bool = typer.Option(False, "--no-longpoll", help="Run the workers without the shim"),
     batch_max: int | None = typer.Option(None, help="WORKER_BATCH_MAX (default: the worker's default)"),
     batch_wait_s: float | None = typer.Option(None, help="WORKER_BATCH_WAIT_S (default: the worker's default)"),

@@ -6,17 +6,18 @@ consumer loops empty fetches as fast as it can: ~0.85 of a core per consumer, co
 worker's agent and for the CPU with everything else on the box.
 
 What: `install()` wraps aiokafka's `Fetcher._proc_fetch_request` (one fetch round trip to one node). When a fetch
-brought no new records and came back sooner than `min(fetch_max_wait_ms, max_wait_ms)`, the wrapper waits out
-the rest before the fetcher may send the next one, as the broker would have. Unlike a broker it cannot return
-early when records arrive during the wait, so it adds up to `max_wait_ms` of latency to the first record after
-an idle spell; `max_wait_ms` (default 50) caps that, since Faust asks for 1,500 ms. The live benchmark
-(`interest-stream bench live`) runs with it on and measures that cost (`--no-longpoll` to compare).
+brought no new records and came back sooner than the wait, the wrapper waits out the rest before the fetcher may
+send the next one, as the broker would have. The wait is 5 ms after a fetch that brought records and doubles with
+each empty one up to `min(fetch_max_wait_ms, max_wait_ms)` (default cap 100 ms; Faust asks for 1,500 ms). Unlike
+a broker it cannot return early when records arrive during the wait, so it adds up to the current wait to the
+first record after a quiet spell: little under traffic (the wait stays near 5 ms), at most the cap after idling.
+The live benchmark (`interest-stream bench live`) runs with it on (`--no-longpoll` to compare).
 
 Pinned: it patches a private method, so it installs only on the aiokafka version it was written and tested
 against (`PINNED_AIOKAFKA`); on another version it warns and leaves aiokafka alone.
 
 Switched on by the local pipeline (`local.pipeline.LocalPipeline`) and the test fixtures through the environment
-variable `INTEREST_STREAM_LOCAL_LONGPOLL=1` (cap in `INTEREST_STREAM_LOCAL_LONGPOLL_MS`, default 50; `0` or unset =
+variable `INTEREST_STREAM_LOCAL_LONGPOLL=1` (cap in `INTEREST_STREAM_LOCAL_LONGPOLL_MS`, default 100; `0` or unset =
 off); `local.worker.worker_command` then runs the worker as `python -m local.longpoll`, which
 installs the shim and calls the ordinary entry point `stream.worker.main`.
 """
@@ -33,7 +34,8 @@ from typing import Any
 PINNED_AIOKAFKA = "0.14.0"
 ENV = "INTEREST_STREAM_LOCAL_LONGPOLL"
 ENV_MS = "INTEREST_STREAM_LOCAL_LONGPOLL_MS"
-DEFAULT_MAX_WAIT_MS = 50.0
+DEFAULT_MAX_WAIT_MS = 100.0
+MIN_WAIT_MS = 5.0
 
 _original: Callable[..., Awaitable[bool]] | None = None
 _max_wait_s = DEFAULT_MAX_WAIT_MS / 1000
@@ -81,23 +83,32 @@ async def _long_polled(self: Any, assignment: Any, node_id: int, request: Any) -
     """aiokafka's fetch round trip; after one that brought nothing, hold the node until the wait is over.
 
     The fetcher sends no new fetch to a node while this task runs (`Fetcher._in_flight`), exactly as while a
-    broker holds a long poll. Cancellation (close, lost assignment) ends the wait like aiokafka's own cancel path.
+    broker holds a long poll. The wait starts at `MIN_WAIT_MS` after a fetch that brought records and doubles
+    with every empty one up to the cap: a consumer under traffic keeps its added latency near the minimum, an
+    idle one settles at the cap within a few fetches. Cancellation (close, lost assignment) ends the wait like
+    aiokafka's own cancel path.
     """
     assert _original is not None
     started = time.monotonic()
     got_records = await _original(self, assignment, node_id, request)
-    if not got_records:
-        rest = min(self._fetch_max_wait_ms / 1000, _max_wait_s) - (time.monotonic() - started)
-        if rest > 0:
-            try:
-                await asyncio.sleep(rest)
-            except asyncio.CancelledError:
-                return False
+    waits: dict[int, float] = self.__dict__.setdefault("_longpoll_waits", {})
+    cap = min(self._fetch_max_wait_ms / 1000, _max_wait_s)
+    if got_records:
+        waits[node_id] = min(MIN_WAIT_MS / 1000, cap)
+        return got_records
+    wait = waits.get(node_id, cap)
+    waits[node_id] = min(2 * wait, cap)
+    rest = wait - (time.monotonic() - started)
+    if rest > 0:
+        try:
+            await asyncio.sleep(rest)
+        except asyncio.CancelledError:
+            return False
     return got_records
 
 
 def max_wait_from_env(environ: Mapping[str, str] | None = None) -> float | None:
-    """The cap in ms the environment asks for (`ENV_MS`, default 50), or None when `ENV` is off."""
+    """The cap in ms the environment asks for (`ENV_MS`, default 100), or None when `ENV` is off."""
     environ = os.environ if environ is None else environ
     value = environ.get(ENV, "").strip().lower()
     if value in ("", "0", "false", "no", "off"):

@@ -298,12 +298,12 @@ def run(
         log("idle worker without the long-polling shim ...")
         idle_off = idle_core(base, work_dir, seconds=idle_s, longpoll_ms=None)
         pipe.start_workers()
-        log(f"idle worker: {idle_off:.3f} cores without the shim; now the pipeline's worker (shim {longpoll_ms} ms)")
+        log(f"idle worker: {idle_off:.3f} cores without the shim; now the pipeline's worker, {_shim(longpoll_ms)}")
         time.sleep(2.0)
         cpu, t0 = process_tree_cpu_s(pipe.pids["worker0"]), time.monotonic()
         time.sleep(idle_s)
         idle_on = (process_tree_cpu_s(pipe.pids["worker0"]) - cpu) / (time.monotonic() - t0)
-        log(f"idle worker: {idle_on:.3f} cores with the shim")
+        log(f"idle worker: {idle_on:.3f} cores, {_shim(longpoll_ms)}")
         items = ModelBundle.load(pipe.settings.model_dir).vocab.items
         traffic = Traffic(users, items, zipf_a=zipf_a, seed=seed)
         pids = {k: v for k, v in pipe.pids.items() if k in ("broker", "triton", "worker0")}
@@ -320,6 +320,10 @@ def run(
     result = LiveResult(results, slo_ms, cost, idle_on, idle_off, longpoll_ms, users, None)
     plot = plot or work_dir / "live-capacity.png"
     return LiveResult(**{**result.__dict__, "plot": write_plot(result, plot)})
+
+
+def _shim(longpoll_ms: float | None) -> str:
+    return f"long-polling shim capped at {longpoll_ms:g} ms" if longpoll_ms else "no long-polling shim"
 
 
 def write_plot(result: LiveResult, path: Path) -> Path | None:
@@ -355,7 +359,7 @@ def print_result(result: LiveResult) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"live: {result.users:,} users, SLO p99 ≤ {result.slo_ms:g} ms, shim {result.longpoll_ms} ms")
+    table = Table(title=f"live: {result.users:,} users, SLO p99 ≤ {result.slo_ms:g} ms, {_shim(result.longpoll_ms)}")
     for name in ("offered ev/s", "p50 ms", "p95 ms", "p99 ms", "p99/event ms", "served", "cores worker/Triton/broker"):
         table.add_column(name, justify="right")
     for r in result.rates:
@@ -370,7 +374,8 @@ def print_result(result: LiveResult) -> None:
                   f"({c.worker_wall_us:,.0f} µs wall), no-op Faust agent {c.noop_cpu_us:,.0f} µs CPU "
                   f"({c.noop_wall_us:,.0f} µs wall)")  # fmt: skip
     console.print(
-        f"idle worker: {result.idle_core:.3f} cores with the shim, {result.idle_core_no_longpoll:.3f} without"
+        f"idle worker: {result.idle_core:.3f} cores ({_shim(result.longpoll_ms)}), "
+        f"{result.idle_core_no_longpoll:.3f} without the shim"
     )
     if result.plot:
         console.print(f"plot: {result.plot}")
