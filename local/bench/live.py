@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -173,7 +174,7 @@ class Sweep:
         self._stop_reader = asyncio.Event()
 
     async def run(
-        self, rates: Sequence[float], seconds: float, drain_s: float, warmup_s: float, log
+        self, rates: Sequence[float], seconds: float, drain_s: float, warmup_s: float, log: Callable[[str], object]
     ) -> list[RateResult]:
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -209,7 +210,7 @@ class Sweep:
             await consumer.stop()
             await self.producer.stop()
 
-    async def _read(self, consumer) -> None:
+    async def _read(self, consumer: Any) -> None:
         decode = msgspec.json.Decoder(_Seen).decode
         while not self._stop_reader.is_set():
             batches = await consumer.getmany(timeout_ms=100)

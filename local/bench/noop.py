@@ -21,6 +21,7 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,14 @@ class Cost:
 
 
 def saturation_cost(
-    base: Settings, work_dir: Path, *, events: int, users: int, seed: int, longpoll_ms: float | None, log=print
+    base: Settings,
+    work_dir: Path,
+    *,
+    events: int,
+    users: int,
+    seed: int,
+    longpoll_ms: float | None,
+    log: Callable[[str], object] = print,
 ) -> Cost:
     from local.broker import ensure_topics, run_sync
     from local.replay import publish
@@ -106,7 +114,7 @@ def _fresh(base: Settings, work_dir: Path, app_id: str) -> Settings:
     )
 
 
-def _wait(ready, timeout_s: float, what: str) -> None:
+def _wait(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not ready():
         if time.monotonic() > deadline:
