@@ -174,3 +174,42 @@ def bench_hol(
     from local.bench.hol import print_result, run
 
     print_result(run(repo, hot_events=hot_events, probes=probes, seconds=seconds, log=typer.echo))
+
+
+@bench.command("live")
+def bench_live(
+    rates: str = typer.Option("100,250,500,1000,2000", help="Offered rates in events/s, comma-separated, ascending"),
+    seconds: float = typer.Option(20.0, help="Seconds of live traffic per rate"),
+    users: int = typer.Option(10_000, help="Users (Zipf-distributed activity)"),
+    zipf: float = typer.Option(1.0, help="Zipf exponent of user activity"),
+    repo: Path = typer.Option(Path("artifacts/model_repository-twin"), help="Triton twin repository to serve"),
+    work_dir: Path = typer.Option(Path(".local/bench-live"), help="broker data, worker state, logs and the plot"),
+    slo_ms: float = typer.Option(250.0, help="p99 latency that defines the live capacity"),
+    drain_s: float = typer.Option(5.0, help="After a rate's traffic, wait up to this long for its last records"),
+    give_up_s: float = typer.Option(10.0, help="Stop a rate (and the sweep) when an unserved event is this old"),
+    warmup_s: float = typer.Option(5.0, help="Uncounted traffic at the first rate before the sweep"),
+    idle_s: float = typer.Option(10.0, help="Seconds over which the idle worker's CPU is read"),
+    cost_events: int = typer.Option(20_000, help="Pre-filled events for the worker vs no-op Faust agent cost"),
+    longpoll_ms: float = typer.Option(100.0, help="Cap of the local long-polling shim's wait (local/longpoll.py)"),
+    no_longpoll: bool = typer.Option(False, "--no-longpoll", help="Run the workers without the shim"),
+    batch_max: int | None = typer.Option(None, help="WORKER_BATCH_MAX (default: the worker's default)"),
+    batch_wait_s: float | None = typer.Option(None, help="WORKER_BATCH_WAIT_S (default: the worker's default)"),
+    plot: Path | None = typer.Option(None, help="PNG of rate vs p99 (default: <work-dir>/live-capacity.png)"),
+    seed: int = typer.Option(0, help="Seed of the synthetic traffic"),
+) -> None:
+    """Latency at a downstream consumer per offered rate, live capacity at the SLO, framework cost, idle CPU."""
+    from local.bench.live import print_result, run
+
+    try:
+        offered = [float(r) for r in rates.split(",") if r.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--rates") from exc
+    if not offered or offered != sorted(offered) or min(offered) <= 0:
+        raise typer.BadParameter("give positive rates in ascending order", param_hint="--rates")
+    result = run(
+        repo, work_dir, rates=offered, seconds=seconds, users=users, zipf_a=zipf, slo_ms=slo_ms, drain_s=drain_s,
+        give_up_s=give_up_s, warmup_s=warmup_s, idle_s=idle_s, cost_events=cost_events,
+        longpoll_ms=None if no_longpoll else longpoll_ms, batch_max=batch_max, batch_wait_s=batch_wait_s, plot=plot,
+        seed=seed, log=typer.echo,
+    )  # fmt: skip
+    print_result(result)

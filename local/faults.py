@@ -2,7 +2,8 @@
 
 `python -m local.faults` runs the ordinary worker (settings from the environment) and SIGKILLs it at
 `FAULT_KILL_AT` (`before_publish` or `after_publish`) once it has published `FAULT_KILL_AFTER_OUTPUTS` records.
-`local.worker.spawn_worker` runs this module instead of the worker when the environment names a fault.
+`local.worker.spawn_worker` runs this module instead of the worker when the environment names a fault; it
+installs `local.longpoll` first when the environment asks for it, as `python -m local.longpoll` would.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import os
 import signal
 
+from local.longpoll import install_from_env
 from stream.settings import Settings
 from stream.worker import run_worker
 
@@ -31,6 +33,7 @@ def kill_at(point: str, after_outputs: int):
 
 
 def main() -> None:
+    install_from_env()  # the local long-polling shim, when the environment asks for it
     on_stage = kill_at(os.environ["FAULT_KILL_AT"], int(os.environ.get("FAULT_KILL_AFTER_OUTPUTS", "0")))
     run_worker(Settings(), on_stage=on_stage)
 

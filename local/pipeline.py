@@ -30,6 +30,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
+from local import longpoll
 from local.broker import LocalBroker, ensure_topics
 from local.process import ProcessError, Supervised, free_port
 from local.triton import LocalTriton
@@ -112,7 +113,9 @@ class LocalPipeline:
     `fresh` (default) deletes the broker's data and the workers' state first, so every run starts from empty
     topics. `repo=None` runs the workers ingest-only (TRITON_URL empty). `batch_max` / `batch_wait_s` set
     WORKER_BATCH_MAX / WORKER_BATCH_WAIT_S; `overrides` are further Settings fields; `extra_env` is added to the
-    workers' environment last (e.g. fault injection or log level). `start_workers=False` brings up the broker
+    workers' environment last (e.g. fault injection or log level). `longpoll_ms` runs the workers behind the
+    local long-polling shim with that cap (`local.longpoll`: noida-db answers empty fetches at once, so an idle
+    worker would spin a core); None runs them without it. `start_workers=False` brings up the broker
     and Triton only, so a benchmark can fill the input topic first and then call `start_workers()`.
     """
 
@@ -127,6 +130,7 @@ class LocalPipeline:
         batch_wait_s: float | None = None,
         overrides: Mapping[str, Any] | None = None,
         extra_env: Mapping[str, str] | None = None,
+        longpoll_ms: float | None = longpoll.DEFAULT_MAX_WAIT_MS,
         fresh: bool = True,
         ready_timeout_s: float = 180.0,
         start_workers: bool = True,
@@ -139,7 +143,7 @@ class LocalPipeline:
         self.n_workers = workers
         self.batch = {"worker_batch_max": batch_max, "worker_batch_wait_s": batch_wait_s}
         self.overrides = dict(overrides or {})
-        self.extra_env = dict(extra_env or {})
+        self.extra_env = {**longpoll.env(longpoll_ms), **(extra_env or {})}
         self.fresh = fresh
         self.ready_timeout_s = ready_timeout_s
         self.start_workers_at_start = start_workers
