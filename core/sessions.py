@@ -135,8 +135,8 @@ def apply_events(
             input_offset = max(input_offset, offsets[k])
         fp, t = fingerprint(event), event.timestamp
         horizon = ts[-1] - cfg.lateness_ms if ts else t
-        if t < horizon:
-            report.outcomes.append(Outcome.LATE)
+        if t < horizon:  # never applied; a copy of an event we still know is a duplicate (re-sent data), not late
+            report.outcomes.append(Outcome.DUPLICATE if fp in last_seen else Outcome.LATE)
             continue
         if last_seen.get(fp, horizon - 1) >= horizon:
             report.outcomes.append(Outcome.DUPLICATE)
