@@ -56,7 +56,11 @@ def test_concurrent_requests_are_batched_and_split_back_in_order(triton_twin, ti
     with ThreadPoolExecutor(len(xs)) as pool:
         clients = [grpcclient.InferenceServerClient(triton_twin.grpc_url) for _ in xs]
         results = list(pool.map(infer, clients, xs))
-    requests, runs = (after - was for after, was in zip(executions(stats), before, strict=True))
+    deadline = time.monotonic() + 10  # Triton updates its statistics just after it answered
+    while (delta := [a - b for a, b in zip(executions(stats), before, strict=True)])[0] < len(xs):
+        assert time.monotonic() < deadline, f"statistics count {delta[0]} of {len(xs)} requests"
+        time.sleep(0.05)
+    requests, runs = delta
     assert requests == len(xs) and runs < requests, f"{requests} requests ran as {runs} executions: none batched"
     for x, got in zip(xs, results, strict=True):
         want = session.run(list(OUTPUT_NAMES), x)
