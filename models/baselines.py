@@ -45,3 +45,39 @@ class ItemKNN:
             w = self.decay ** np.arange(len(idx) - 1, -1, -1, dtype=np.float64)
             np.add.at(h[u], idx, w.astype(np.float32))
         return (h @ self.xn.T) @ self.xn
+
+
+def neighbour_table(train: Sequence[UserState], vocab: Vocabulary, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The item-kNN similarity as a sparse table for the model's graph: for every item its `k` most similar other
+    items ([n_items, k] int64 indices, best first) and their cosine similarities ([n_items, k] float32). Unused
+    slots (PAD/OOV rows, items with fewer than k co-rated items) point at PAD with similarity 0."""
+    xn = ItemKNN(train, vocab).xn
+    n = xn.shape[1]
+    k = min(k, n)
+    index, sim = np.zeros((n, k), np.int64), np.zeros((n, k), np.float32)
+    for a in range(0, n, 1024):
+        s = xn[:, a : a + 1024].T @ xn  # [chunk, n] cosine similarities
+        s[np.arange(len(s)), np.arange(a, a + len(s))] = 0.0  # an item is not its own neighbour
+        s[:, :2] = 0.0  # never PAD/OOV
+        top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        top_sim = np.take_along_axis(s, top, 1)
+        order = np.argsort(-top_sim, axis=1, kind="stable")
+        top, top_sim = np.take_along_axis(top, order, 1), np.take_along_axis(top_sim, order, 1)
+        index[a : a + len(s)] = np.where(top_sim > 0, top, 0)
+        sim[a : a + len(s)] = np.maximum(top_sim, 0.0)
+    return index, sim
+
+
+def genre_baselines(
+    train: Sequence[UserState], inputs: Sequence[UserState], vocab: Vocabulary, item_categories: np.ndarray
+) -> dict[str, np.ndarray]:
+    """[B, C] category scores for `inputs`: the history's own genre shares (ties broken by global popularity) and
+    the global genre popularity over all training events."""
+    counts = np.zeros(item_categories.shape[1])
+    for s in train:
+        counts += item_categories[vocab.indices(s.items)].sum(0)
+    glob = counts / counts.sum()
+    hist = np.stack(
+        [item_categories[vocab.indices(s.items)].mean(0) if len(s) else np.zeros_like(glob) for s in inputs]
+    )
+    return {"history_genres": hist + 1e-6 * glob, "global_genres": np.tile(glob, (len(inputs), 1))}
