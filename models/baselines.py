@@ -47,25 +47,15 @@ class ItemKNN:
         return (h @ self.xn.T) @ self.xn
 
 
-def neighbour_table(train: Sequence[UserState], vocab: Vocabulary, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The item-kNN similarity as a sparse table for the model's graph: for every item its `k` most similar other
-    items ([n_items, k] int64 indices, best first) and their cosine similarities ([n_items, k] float32). Unused
-    slots (PAD/OOV rows, items with fewer than k co-rated items) point at PAD with similarity 0."""
+def knn_factors(train: Sequence[UserState], vocab: Vocabulary, rank: int) -> np.ndarray:
+    """F [n_items, rank] with F F^T = ItemKNN's cosine similarity: the transposed column-normalized user x item
+    matrix itself when there are at most `rank` training users (exact), else its rank-`rank` truncated SVD
+    (V Sigma). Exact on ml-latest-small; a dense F beats a top-k neighbour table there (docs/model.md)."""
     xn = ItemKNN(train, vocab).xn
-    n = xn.shape[1]
-    k = min(k, n)
-    index, sim = np.zeros((n, k), np.int64), np.zeros((n, k), np.float32)
-    for a in range(0, n, 1024):
-        s = xn[:, a : a + 1024].T @ xn  # [chunk, n] cosine similarities
-        s[np.arange(len(s)), np.arange(a, a + len(s))] = 0.0  # an item is not its own neighbour
-        s[:, :2] = 0.0  # never PAD/OOV
-        top = np.argpartition(-s, k - 1, axis=1)[:, :k]
-        top_sim = np.take_along_axis(s, top, 1)
-        order = np.argsort(-top_sim, axis=1, kind="stable")
-        top, top_sim = np.take_along_axis(top, order, 1), np.take_along_axis(top_sim, order, 1)
-        index[a : a + len(s)] = np.where(top_sim > 0, top, 0)
-        sim[a : a + len(s)] = np.maximum(top_sim, 0.0)
-    return index, sim
+    if len(xn) <= rank:
+        return np.ascontiguousarray(np.pad(xn, ((0, rank - len(xn)), (0, 0))).T)
+    _, sv, vt = np.linalg.svd(xn, full_matrices=False)
+    return np.ascontiguousarray((sv[:rank, None] * vt[:rank]).T, dtype=np.float32)
 
 
 def genre_baselines(

@@ -25,7 +25,7 @@ from models.ranking import category_ndcg, category_relevance, next_item_metrics,
 VARIANTS: dict[str, dict] = {
     "model": {},
     "sasrec": {
-        "use_session_pos": False, "use_time_gaps": False, "use_fusion": False, "item_bias": False, "knn_k": 0,
+        "use_session_pos": False, "use_time_gaps": False, "use_fusion": False, "item_bias": False, "knn_rank": 0,
         "category_history": False,
     },
     "no_session_pos": {"use_session_pos": False},

@@ -45,7 +45,7 @@ class ModelConfig:
     use_time_gaps: bool = True
     use_fusion: bool = False  # off: the ablation did not show it helping (docs/model-results.md)
     item_bias: bool = True  # a learned per-item logit bias (popularity prior)
-    knn_k: int = 50  # neighbours per item in the in-graph item-kNN scorer (0 = none)
+    knn_rank: int = 0  # columns of the in-graph item-kNN factors F (similarity = F F^T); 0 = no kNN scorer
     category_history: bool = True  # category logits also see the history's genre shares
 
     @classmethod
@@ -134,10 +134,10 @@ class InterestTransformer(nn.Module):
         # Genre shares of the history: each category logit gets w_c * (share of history items with genre c).
         self.category_hist_weight = nn.Parameter(torch.zeros(cfg.n_categories)) if cfg.category_history else None
         self.register_buffer("item_categories", torch.zeros(cfg.n_items, cfg.n_categories))  # set by training
-        # In-graph item-kNN: top-k cosine neighbours per item (from training co-occurrence; PAD/0 = unused slot),
-        # recency decay and mixing weight, all set after training (tuned on validation, see models.train).
-        self.register_buffer("knn_index", torch.zeros(cfg.n_items, cfg.knn_k, dtype=torch.long))
-        self.register_buffer("knn_sim", torch.zeros(cfg.n_items, cfg.knn_k))
+        # In-graph item-kNN: the item-item cosine similarity in factored form S = F F^T (F [n_items, rank] = the
+        # transposed column-normalized training user x item matrix, exact; or a truncated SVD of it), its recency
+        # decay and mixing weight, all set after training (tuned on validation, see models.train).
+        self.register_buffer("knn_factors", torch.zeros(cfg.n_items, cfg.knn_rank))
         self.register_buffer("knn_decay", torch.tensor(0.8))
         self.register_buffer("knn_weight", torch.tensor(0.0))
         nn.init.normal_(self.item_emb.weight, std=d**-0.5)  # unit-norm rows: logits start at +-scale
@@ -196,21 +196,26 @@ class InterestTransformer(nn.Module):
         return logits if self.item_bias is None else logits + self.item_bias
 
     def knn_scores(self, item_ids: Tensor) -> Tensor:
-        """[B, n_items] item-kNN evidence in [0, 1]: sum over the history of decay^(events back) * sim(item, .),
-        gathered from the sparse neighbour table and scatter-added, divided by the row maximum (0 when empty)."""
-        B, L = item_ids.shape
-        back = torch.arange(L - 1, -1, -1, device=item_ids.device, dtype=self.knn_sim.dtype)
-        w = self.knn_decay.pow(back) * (item_ids != PAD).to(self.knn_sim.dtype)  # [B, L]
-        sims = (self.knn_sim[item_ids] * w.unsqueeze(-1)).reshape(B, -1)
-        out = torch.zeros(B, self.cfg.n_items, dtype=sims.dtype, device=sims.device)
-        out = out.scatter_add(1, self.knn_index[item_ids].reshape(B, -1), sims)
+        """[B, n_items] item-kNN evidence in [0, 1]: sum over the history of decay^(events back) * sim(item, .)
+        with S = F F^T, an item's similarity to itself left out, divided by the row maximum (0 when empty).
+
+        Written so the exported graph holds F once: rows are gathered and F multiplies from the left (a constant
+        F^T or F * F would be folded into extra copies of the largest initializer)."""
+        L = item_ids.shape[1]
+        f = self.knn_factors
+        back = torch.arange(L - 1, -1, -1, device=item_ids.device, dtype=f.dtype)
+        w = self.knn_decay.pow(back) * (item_ids != PAD).to(f.dtype)  # [B, L]
+        rows = f[item_ids]  # [B, L, rank]
+        user = (rows * w.unsqueeze(-1)).sum(1)  # [B, rank]: the history in factor space
+        self_sim = (rows * rows).sum(-1) * w  # [B, L]: the diagonal of S, per history event
+        out = (f @ user.T).T.scatter_add(1, item_ids, -self_sim)
         return out / out.amax(1, keepdim=True).clamp(min=1e-6)
 
     def item_scores(self, interest: Tensor, item_ids: Tensor) -> Tensor:
         """[B, n_items] next-item scores for the histories `item_ids`: Transformer logits + knn_weight * kNN
         evidence; PAD and OOV are -inf."""
         scores = self.item_logits(interest) + self.item_mask
-        if self.cfg.knn_k > 0:
+        if self.cfg.knn_rank > 0:
             scores = scores + self.knn_weight * self.knn_scores(item_ids)
         return scores
 

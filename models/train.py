@@ -39,7 +39,7 @@ class TrainConfig:
     use_fusion: bool = False
     item_bias: bool = True
     category_history: bool = True
-    knn_k: int = 50  # in-graph item-kNN neighbours per item; 0 = the Transformer alone
+    knn_rank: int = 1024  # in-graph item-kNN factor columns (exact up to this many training users); 0 = none
     batch_size: int = 16  # small data: many small steps beat few large ones on CPU
     lr: float = 2e-3
     weight_decay: float = 0.0
@@ -184,7 +184,7 @@ def train(
     enc = EncoderConfig(max_len=cfg.max_len)
     flags = {k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads", "dropout")}
     flags |= {k: getattr(cfg, k) for k in ("use_session_pos", "use_time_gaps", "use_fusion", "item_bias")}
-    flags |= {"knn_k": cfg.knn_k, "category_history": cfg.category_history}
+    flags |= {"knn_rank": min(cfg.knn_rank, len(sp.train)), "category_history": cfg.category_history}
     mcfg = ModelConfig.for_encoder(enc, len(ds.vocab), n_categories=len(ds.categories), **flags)
     model = InterestTransformer(mcfg).to(device)
     item_cats = torch.from_numpy(ds.item_categories).to(device) if ds.item_categories is not None else None
@@ -234,10 +234,10 @@ def train(
                 break
     model.load_state_dict(best_state)
     model.eval()
-    knn = fit_knn(model, ds, sp, enc) if cfg.knn_k > 0 else {}
+    knn = fit_knn(model, ds, sp, enc) if cfg.knn_rank > 0 else {}
     metrics = evaluate_model(model, ds, sp, enc)
     alone = {}
-    if cfg.knn_k > 0:  # the ablation without the kNN scorer, from the same weights
+    if cfg.knn_rank > 0:  # the ablation without the kNN scorer, from the same weights
         w = model.knn_weight.item()
         model.knn_weight.fill_(0.0)
         alone = {"test_metrics_alone": evaluate_model(model, ds, sp, enc)}
@@ -267,13 +267,11 @@ KNN_WEIGHTS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
 
 @torch.no_grad()
 def fit_knn(model: InterestTransformer, ds: Dataset, sp: Split, enc: EncoderConfig) -> dict[str, float]:
-    """Fill the in-graph kNN scorer: the neighbour table from the training histories, then its recency decay and
-    mixing weight by grid search on the VALIDATION targets (NDCG@10). Weight 0 = the Transformer alone."""
-    from models.baselines import neighbour_table
+    """Fill the in-graph kNN scorer: the similarity factors from the training histories, then its recency decay
+    and mixing weight by grid search on the VALIDATION targets (NDCG@10). Weight 0 = the Transformer alone."""
+    from models.baselines import knn_factors
 
-    index, sim = neighbour_table(sp.train, ds.vocab, model.cfg.knn_k)
-    model.knn_index.copy_(torch.from_numpy(index))
-    model.knn_sim.copy_(torch.from_numpy(sim))
+    model.knn_factors.copy_(torch.from_numpy(knn_factors(sp.train, ds.vocab, model.cfg.knn_rank)))
     device = next(model.parameters()).device
     x = to_tensors(sp.val_inputs, ds.vocab, enc, device)
     seen = torch.from_numpy(seen_mask(sp.val_inputs, ds.vocab)).to(device)

@@ -142,17 +142,18 @@ def test_export_command_from_a_saved_checkpoint(tiny_checkpoint, tmp_path) -> No
 
 
 def test_onnx_equals_eager_with_knn_item_bias_and_genre_shares(tmp_path) -> None:
-    """The in-graph scorers (kNN gather + scatter-add, item bias, history genre shares) export like the rest."""
+    """The in-graph scorers (factored kNN, item bias, history genre shares) export like the rest, F stored once."""
+    import onnx
+
     from core.encoding import EncoderConfig
     from models.export import export_onnx
     from models.model import InterestTransformer, ModelConfig
 
     torch.manual_seed(0)
     enc = EncoderConfig(max_len=200)
-    model = InterestTransformer(ModelConfig.for_encoder(enc, TINY_ITEMS, n_categories=5, d_model=16, knn_k=8)).eval()
+    model = InterestTransformer(ModelConfig.for_encoder(enc, TINY_ITEMS, n_categories=5, d_model=16, knn_rank=8)).eval()
     with torch.no_grad():
-        model.knn_index.copy_(torch.randint(2, TINY_ITEMS, model.knn_index.shape))
-        model.knn_sim.copy_(torch.rand(model.knn_sim.shape))
+        model.knn_factors.copy_(torch.rand(model.knn_factors.shape))
         model.knn_decay.fill_(0.8)
         model.knn_weight.fill_(5.0)
         model.item_bias.normal_()
@@ -160,6 +161,8 @@ def test_onnx_equals_eager_with_knn_item_bias_and_genre_shares(tmp_path) -> None
         model.item_categories.copy_((torch.rand(model.item_categories.shape) < 0.3).float())
     serving = ServingModel(model, 20)
     path = export_onnx(serving, tmp_path / "model.onnx", enc.max_len)
+    big = [t.dims for t in onnx.load(str(path)).graph.initializer if np.prod(t.dims) == TINY_ITEMS * 8]
+    assert big == [[TINY_ITEMS, 8]], big  # no folded transposed or squared copy of the factors
     x = every_length(enc.max_len, seed=2)
     ref = dict(zip(OUTPUT_NAMES, run_eager(serving, x), strict=True))
     got = dict(zip(OUTPUT_NAMES, ort.InferenceSession(str(path)).run(list(OUTPUT_NAMES), x), strict=True))

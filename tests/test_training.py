@@ -68,20 +68,18 @@ def test_category_ndcg_by_hand():
 
 
 def test_in_graph_knn_ranks_like_item_knn(movielens):
-    """With a table wide enough for every neighbour, the model's gathered kNN evidence is ItemKNN's score."""
-    from models.baselines import neighbour_table
+    """With exact factors (rank >= training users), the model's in-graph kNN evidence is ItemKNN's score."""
     from core.encoding import EncoderConfig, Vocabulary
+    from models.baselines import knn_factors
     from models.model import InterestTransformer, ModelConfig
 
     states = movielens.states[:12]
     vocab = Vocabulary(sorted({i for s in states for i in s.items}))
-    index, sim = neighbour_table(states, vocab, len(vocab))
     enc = EncoderConfig(max_len=200)
-    cfg = ModelConfig.for_encoder(enc, len(vocab), n_categories=2, knn_k=index.shape[1], d_model=8)
+    cfg = ModelConfig.for_encoder(enc, len(vocab), n_categories=2, knn_rank=16, d_model=8)
     model = InterestTransformer(cfg).eval()
     with torch.no_grad():
-        model.knn_index.copy_(torch.from_numpy(index))
-        model.knn_sim.copy_(torch.from_numpy(sim))
+        model.knn_factors.copy_(torch.from_numpy(knn_factors(states, vocab, 16)))
         model.knn_decay.fill_(0.9)
     inputs = [prefix(s, min(len(s), 150)) for s in states]  # within the window: the same events as ItemKNN sees
     x = torch.from_numpy(encode_batch(inputs, vocab, enc)["item_ids"])
@@ -116,7 +114,7 @@ def test_train_save_load_roundtrip(movielens, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["data_hash"] == ds.data_hash and set(metrics["knn"]) == {"val_ndcg10", "weight", "decay"}
     assert 0 <= metrics["test_metrics"]["cat_ndcg5"] <= 1 and "test_metrics_alone" in metrics
-    assert ckpt.model.knn_sim.max() > 0 and ckpt.model.item_categories.sum() > 0  # filled, and saved with it
+    assert ckpt.model.knn_factors.max() > 0 and ckpt.model.item_categories.sum() > 0  # filled, and saved with it
     loaded = load_checkpoint(tmp_path)
     assert not loaded.model.training and loaded.vocab.items == ds.vocab.items and loaded.categories == ds.categories
     assert (
