@@ -45,6 +45,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     n_negatives: int = 0  # 0 = full softmax over the vocabulary; > 0 = sampled softmax (shared uniform negatives)
     label_smoothing: float = 0.0
+    future_weight: float = 0.0  # > 0: each position also predicts the items 2..future_window events ahead
+    future_window: int = 10
     category_weight: float = 0.1
     category_window: int = 10  # the category head predicts the genre shares of this many next items
     max_epochs: int = 200
@@ -141,6 +143,8 @@ def loss_fn(model: InterestTransformer, x: dict[str, torch.Tensor], cfg: TrainCo
     if cfg.n_negatives <= 0:  # full softmax: 9.7k items is cheap
         logits = model.item_logits(u) + model.item_mask
         loss = F.cross_entropy(logits, tgt, label_smoothing=cfg.label_smoothing)
+        if cfg.future_weight > 0:
+            loss = loss + cfg.future_weight * future_loss(logits, items, valid, cfg.future_window)
     else:
         neg = torch.randint(2, model.cfg.n_items, (cfg.n_negatives,), device=items.device)
         pos_logits = (u * model.item_emb(tgt)).sum(-1, keepdim=True)
@@ -155,6 +159,18 @@ def loss_fn(model: InterestTransformer, x: dict[str, torch.Tensor], cfg: TrainCo
     if cfg.category_weight > 0 and model.cfg.n_categories > 0:
         loss = loss + cfg.category_weight * category_loss(model, h, items, cfg.category_window)
     return loss
+
+
+def future_loss(logits: torch.Tensor, items: torch.Tensor, valid: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean NLL of the items 2..`window` events after each target under the same softmax (the next session is
+    several items, not one): `logits` [N, V] are the rows of the positions where `valid` [B, L] is set."""
+    L = items.shape[1]
+    ahead = torch.arange(L, device=items.device).unsqueeze(1) + torch.arange(1, window, device=items.device)
+    fut = F.pad(items, (0, window))[:, ahead]  # [B, L, window - 1]: items t+1 .. t+window-1 (0 past the end)
+    fut = fut[valid]
+    keep = (fut > 1).float()
+    logp = logits.log_softmax(-1).gather(1, fut)
+    return -(logp.masked_fill(keep == 0, 0.0) * keep).sum() / keep.sum().clamp(min=1.0)
 
 
 def category_loss(model: InterestTransformer, h: torch.Tensor, items: torch.Tensor, window: int) -> torch.Tensor:
