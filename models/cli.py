@@ -50,7 +50,7 @@ def eval_command(
     seeds: int = typer.Option(3, help="seeds per neural variant (mean ± std)"),
     max_epochs: int = typer.Option(40, help="epoch cap per training run (early stopping usually ends sooner)"),
     max_minutes: float = typer.Option(8.0, help="wall-clock cap per training run (as `train`; 2 busy cores hit it)"),
-    variant: list[str] = typer.Option([], help="variants to train (default: model and sasrec; see VARIANTS)"),
+    variant: list[str] = typer.Option([], help="variants to train (default: model, sasrec, sasrec_knn; see VARIANTS)"),
     out: Path = typer.Option(Path("artifacts/eval"), help="results.json (resumable: finished runs are kept)"),
     report: Path = typer.Option(Path("docs/model-results.md"), help="markdown report; the chart is written beside it"),
 ) -> None:

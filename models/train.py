@@ -1,6 +1,7 @@
-"""Training: every position predicts the next item (sampled softmax, uniform shared negatives) plus the next
-item's genres (multi-label BCE, small weight); the first event of each window is predicted by the cold vector.
-Early stopping on validation NDCG@10 (full ranking), best weights kept; CUDA when present.
+"""Training: every position predicts the next item (full softmax cross-entropy over the vocabulary; sampled softmax
+optional) plus the genres of the next items (BCE, small weight); the first event of each window is predicted by
+the cold vector. Early stopping on validation NDCG@10 (full ranking), best weights kept, then the in-graph kNN
+scorer is fitted on validation; CUDA when present.
 
     interest-stream train --out artifacts/model
 """
@@ -351,7 +352,7 @@ def plot_curve(history: dict[str, list[float]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(history["loss"], color="tab:blue", label="train loss")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("sampled-softmax loss", color="tab:blue")
+    ax.set_ylabel("training loss", color="tab:blue")
     ax2 = ax.twinx()
     ax2.plot(history["val_ndcg10"], color="tab:orange", label="val NDCG@10")
     ax2.set_ylabel("validation NDCG@10", color="tab:orange")
