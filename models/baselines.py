@@ -45,3 +45,29 @@ class ItemKNN:
             w = self.decay ** np.arange(len(idx) - 1, -1, -1, dtype=np.float64)
             np.add.at(h[u], idx, w.astype(np.float32))
         return (h @ self.xn.T) @ self.xn
+
+
+def knn_factors(train: Sequence[UserState], vocab: Vocabulary, rank: int) -> np.ndarray:
+    """F [n_items, rank] with F F^T = ItemKNN's cosine similarity: the transposed column-normalized user x item
+    matrix itself when there are at most `rank` training users (exact), else its rank-`rank` truncated SVD
+    (V Sigma). Exact on ml-latest-small; a dense F beats a top-k neighbour table there (docs/model.md)."""
+    xn = ItemKNN(train, vocab).xn
+    if len(xn) <= rank:
+        return np.ascontiguousarray(np.pad(xn, ((0, rank - len(xn)), (0, 0))).T)
+    _, sv, vt = np.linalg.svd(xn, full_matrices=False)
+    return np.ascontiguousarray((sv[:rank, None] * vt[:rank]).T, dtype=np.float32)
+
+
+def genre_baselines(
+    train: Sequence[UserState], inputs: Sequence[UserState], vocab: Vocabulary, item_categories: np.ndarray
+) -> dict[str, np.ndarray]:
+    """[B, C] category scores for `inputs`: the history's own genre shares (ties broken by global popularity) and
+    the global genre popularity over all training events."""
+    counts = np.zeros(item_categories.shape[1])
+    for s in train:
+        counts += item_categories[vocab.indices(s.items)].sum(0)
+    glob = counts / counts.sum()
+    hist = np.stack(
+        [item_categories[vocab.indices(s.items)].mean(0) if len(s) else np.zeros_like(glob) for s in inputs]
+    )
+    return {"history_genres": hist + 1e-6 * glob, "global_genres": np.tile(glob, (len(inputs), 1))}

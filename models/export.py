@@ -58,14 +58,14 @@ class ServingModel(nn.Module):
         self, item_ids: Tensor, event_types: Tensor, session_pos: Tensor, time_gaps: Tensor
     ) -> tuple[Tensor, ...]:
         interest = self.model(item_ids, event_types, session_pos, time_gaps)
-        scores = self.model.item_scores(interest)
+        scores = self.model.item_scores(interest, item_ids)
         rank = scores
         if self.filter_seen:
             seen = torch.zeros_like(scores).scatter(1, item_ids, 1.0)
             rank = scores - _SEEN_PENALTY * seen
         top_items = torch.topk(rank, self.k, dim=1).indices
         top_scores = scores.gather(1, top_items)
-        return interest, top_items, top_scores, self.model.category_scores(interest)
+        return interest, top_items, top_scores, self.model.category_scores(interest, item_ids)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,9 @@ class ModelConfig:
     use_session_pos: bool = True
     use_time_gaps: bool = True
     use_fusion: bool = False  # off: the ablation did not show it helping (docs/model-results.md)
+    item_bias: bool = True  # a learned per-item logit bias (popularity prior)
+    knn_rank: int = 0  # columns of the in-graph item-kNN factors F (similarity = F F^T); 0 = no kNN scorer
+    category_history: bool = True  # category logits also see the history's genre shares
 
     @classmethod
     def for_encoder(cls, enc: EncoderConfig, n_items: int, **kw) -> ModelConfig:
@@ -127,6 +130,16 @@ class InterestTransformer(nn.Module):
         self.cold = nn.Parameter(torch.randn(d) * 0.02)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.category_head = nn.Linear(d, cfg.n_categories)
+        self.item_bias = nn.Parameter(torch.zeros(cfg.n_items)) if cfg.item_bias else None
+        # Genre shares of the history: each category logit gets w_c * (share of history items with genre c).
+        self.category_hist_weight = nn.Parameter(torch.zeros(cfg.n_categories)) if cfg.category_history else None
+        self.register_buffer("item_categories", torch.zeros(cfg.n_items, cfg.n_categories))  # set by training
+        # In-graph item-kNN: the item-item cosine similarity in factored form S = F F^T (F [n_items, rank] = the
+        # transposed column-normalized training user x item matrix, exact; or a truncated SVD of it), its recency
+        # decay and mixing weight, all set after training (tuned on validation, see models.train).
+        self.register_buffer("knn_factors", torch.zeros(cfg.n_items, cfg.knn_rank))
+        self.register_buffer("knn_decay", torch.tensor(0.8))
+        self.register_buffer("knn_weight", torch.tensor(0.0))
         nn.init.normal_(self.item_emb.weight, std=d**-0.5)  # unit-norm rows: logits start at +-scale
         for emb in (self.type_emb, self.gap_emb, self.pos_emb):
             nn.init.normal_(emb.weight, std=0.02)  # small next to the items (default N(0, 1) drowns them)
@@ -178,16 +191,46 @@ class InterestTransformer(nn.Module):
         return self.logit_scale.clamp(max=math.log(100.0)).exp()
 
     def item_logits(self, interest: Tensor) -> Tensor:
-        """Scaled dot products with the (tied) item embeddings, all items."""
-        return self.scale() * interest @ self.item_emb.weight.T
+        """Scaled dot products with the (tied) item embeddings plus the item bias, all items: the Transformer alone."""
+        logits = self.scale() * interest @ self.item_emb.weight.T
+        return logits if self.item_bias is None else logits + self.item_bias
 
-    def item_scores(self, interest: Tensor) -> Tensor:
-        """[B, n_items] next-item logits; PAD and OOV are -inf."""
-        return self.item_logits(interest) + self.item_mask
+    def knn_scores(self, item_ids: Tensor) -> Tensor:
+        """[B, n_items] item-kNN evidence in [0, 1]: sum over the history of decay^(events back) * sim(item, .)
+        with S = F F^T, an item's similarity to itself left out, divided by the row maximum (0 when empty).
 
-    def category_logits(self, interest: Tensor) -> Tensor:
-        return self.category_head(interest)
+        Written so the exported graph holds F once: rows are gathered and F multiplies from the left (a constant
+        F^T or F * F would be folded into extra copies of the largest initializer)."""
+        L = item_ids.shape[1]
+        f = self.knn_factors
+        back = torch.arange(L - 1, -1, -1, device=item_ids.device, dtype=f.dtype)
+        w = self.knn_decay.pow(back) * (item_ids != PAD).to(f.dtype)  # [B, L]
+        rows = f[item_ids]  # [B, L, rank]
+        user = (rows * w.unsqueeze(-1)).sum(1)  # [B, rank]: the history in factor space
+        self_sim = (rows * rows).sum(-1) * w  # [B, L]: the diagonal of S, per history event
+        out = (f @ user.T).T.scatter_add(1, item_ids, -self_sim)
+        return out / out.amax(1, keepdim=True).clamp(min=1e-6)
 
-    def category_scores(self, interest: Tensor) -> Tensor:
-        """[B, n_categories] independent probabilities (multi-label: a movie has several genres)."""
-        return torch.sigmoid(self.category_head(interest))
+    def item_scores(self, interest: Tensor, item_ids: Tensor) -> Tensor:
+        """[B, n_items] next-item scores for the histories `item_ids`: Transformer logits + knn_weight * kNN
+        evidence; PAD and OOV are -inf."""
+        scores = self.item_logits(interest) + self.item_mask
+        if self.cfg.knn_rank > 0:
+            scores = scores + self.knn_weight * self.knn_scores(item_ids)
+        return scores
+
+    def history_genre_shares(self, item_ids: Tensor) -> Tensor:
+        """[B, L, C] share of the items up to and including each position that carry each genre (causal)."""
+        valid = (item_ids != PAD).to(self.item_categories.dtype)
+        counts = (self.item_categories[item_ids] * valid.unsqueeze(-1)).cumsum(1)
+        return counts / valid.cumsum(1).clamp(min=1.0).unsqueeze(-1)
+
+    def category_logits(self, interest: Tensor, shares: Tensor) -> Tensor:
+        """interest [..., d], shares [..., C] (the history's genre shares) -> category logits [..., C]."""
+        logits = self.category_head(interest)
+        return logits if self.category_hist_weight is None else logits + self.category_hist_weight * shares
+
+    def category_scores(self, interest: Tensor, item_ids: Tensor) -> Tensor:
+        """[B, n_categories] independent probabilities (multi-label: a movie has several genres), trained as the
+        share of the coming items that carry each genre."""
+        return torch.sigmoid(self.category_logits(interest, self.history_genre_shares(item_ids)[:, -1]))

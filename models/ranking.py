@@ -55,3 +55,19 @@ def next_session_metrics(scores: np.ndarray, targets: Sequence[np.ndarray], k: i
         recall.append(hits.sum() / m)
         ndcg.append((hits * discounts).sum() / discounts[:m].sum())
     return {f"recall{k}": float(np.mean(recall)), f"ndcg{k}": float(np.mean(ndcg))}
+
+
+def category_relevance(item_categories: np.ndarray, targets: Sequence[np.ndarray]) -> np.ndarray:
+    """[B, C] graded relevance of each category: the share of the target items (a session) that carry it."""
+    return np.stack([item_categories[t].mean(0) for t in targets]).astype(np.float64)
+
+
+def category_ndcg(scores: np.ndarray, relevance: np.ndarray, k: int = 5) -> float:
+    """Mean NDCG@k of category `scores` [B, C] against graded `relevance` [B, C]; rows without any relevant
+    category are skipped. Ties in `scores` break by column order (give scores without ties)."""
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    dcg = (np.take_along_axis(relevance, top, 1) * discounts).sum(1)
+    ideal = (-np.sort(-relevance, axis=1)[:, :k] * discounts).sum(1)
+    keep = ideal > 0
+    return float(np.mean(dcg[keep] / ideal[keep]))

@@ -1,6 +1,7 @@
-"""Training: every position predicts the next item (sampled softmax, uniform shared negatives) plus the next
-item's genres (multi-label BCE, small weight); the first event of each window is predicted by the cold vector.
-Early stopping on validation NDCG@10 (full ranking), best weights kept; CUDA when present.
+"""Training: every position predicts the next item (full softmax cross-entropy over the vocabulary; sampled softmax
+optional) plus the genres of the next items (BCE, small weight); the first event of each window is predicted by
+the cold vector. Early stopping on validation NDCG@10 (full ranking), best weights kept, then the in-graph kNN
+scorer is fitted on validation; CUDA when present.
 
     interest-stream train --out artifacts/model
 """
@@ -22,7 +23,7 @@ from core.encoding import PAD, EncoderConfig, Vocabulary, encode_batch
 from core.sessions import UserState
 from models.data import Dataset, Split, load, prefix, split
 from models.model import InterestTransformer, ModelConfig
-from models.ranking import next_item_metrics, next_session_metrics, seen_mask
+from models.ranking import category_ndcg, category_relevance, next_item_metrics, next_session_metrics, seen_mask
 
 
 @dataclass
@@ -37,11 +38,18 @@ class TrainConfig:
     use_session_pos: bool = True
     use_time_gaps: bool = True
     use_fusion: bool = False
+    item_bias: bool = True
+    category_history: bool = True
+    knn_rank: int = 1024  # in-graph item-kNN factor columns (exact up to this many training users); 0 = none
     batch_size: int = 16  # small data: many small steps beat few large ones on CPU
     lr: float = 2e-3
     weight_decay: float = 0.0
-    n_negatives: int = 256
+    n_negatives: int = 0  # 0 = full softmax over the vocabulary; > 0 = sampled softmax (shared uniform negatives)
+    label_smoothing: float = 0.0
+    future_weight: float = 0.0  # > 0: each position also predicts the items 2..future_window events ahead
+    future_window: int = 10
     category_weight: float = 0.1
+    category_window: int = 10  # the category head predicts the genre shares of this many next items
     max_epochs: int = 200
     max_minutes: float = 8.0
     patience: int = 8  # epochs without a better validation NDCG@10
@@ -90,26 +98,41 @@ def to_tensors(states: list[UserState], vocab: Vocabulary, enc: EncoderConfig, d
 
 
 @torch.no_grad()
-def score(model: InterestTransformer, states: list[UserState], vocab: Vocabulary, enc: EncoderConfig) -> np.ndarray:
-    """[B, n_items] filtered next-item scores (-inf for seen/PAD/OOV), in batches."""
+def score(
+    model: InterestTransformer, states: list[UserState], vocab: Vocabulary, enc: EncoderConfig, categories: bool = False
+) -> np.ndarray:
+    """[B, n_items] filtered next-item scores (-inf for seen/PAD/OOV), in batches; [B, C] category scores instead
+    with `categories`."""
     model.eval()
     device = next(model.parameters()).device
     out = []
     for a in range(0, len(states), 256):
         x = to_tensors(states[a : a + 256], vocab, enc, device)
-        out.append(model.item_scores(model(**x)).float().cpu().numpy())
+        interest = model(**x)
+        s = model.category_scores(interest, x["item_ids"]) if categories else model.item_scores(interest, x["item_ids"])
+        out.append(s.float().cpu().numpy())
+    if categories:
+        return np.concatenate(out)
     scores = np.concatenate(out) if out else np.zeros((0, len(vocab)), np.float32)
     scores[seen_mask(states, vocab)] = -np.inf
     return scores
 
 
 def evaluate_model(model, ds: Dataset, sp: Split, enc: EncoderConfig) -> dict[str, float]:
+    """Test metrics: next item (NDCG@10, Recall@10, MRR), next session (Recall@20, NDCG@20) and the category
+    NDCG@5 against the genre shares of the next session."""
     m = next_item_metrics(score(model, sp.test_inputs, ds.vocab, enc), sp.test_targets, 10)
     ns = next_session_metrics(score(model, sp.ns_inputs, ds.vocab, enc), sp.ns_targets, 20)
-    return {**m, "ns_recall20": ns["recall20"], "ns_ndcg20": ns["ndcg20"]}
+    out = {**m, "ns_recall20": ns["recall20"], "ns_ndcg20": ns["ndcg20"]}
+    if ds.item_categories is not None and len(ds.categories):
+        rel = category_relevance(ds.item_categories, sp.ns_targets)
+        out["cat_ndcg5"] = category_ndcg(score(model, sp.ns_inputs, ds.vocab, enc, categories=True), rel, 5)
+    return out
 
 
-def loss_fn(model: InterestTransformer, x: dict[str, torch.Tensor], cfg: TrainConfig, item_cats) -> torch.Tensor:
+def loss_fn(model: InterestTransformer, x: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
+    """Next-item cross-entropy at every position (full softmax over the vocabulary, or sampled) plus
+    `category_weight` x BCE of the category head against the genre shares of the next `category_window` items."""
     items = x["item_ids"]
     h = model.sequence_interests(**x)  # h[:, t] has read events <= t and predicts event t + 1
     cold = model.cold_interest().expand(items.shape[0], 1, -1)
@@ -118,15 +141,51 @@ def loss_fn(model: InterestTransformer, x: dict[str, torch.Tensor], cfg: TrainCo
     prev = torch.where(first.unsqueeze(-1), cold, prev)
     valid = items > 1
     u, tgt = prev[valid], items[valid]
-    neg = torch.randint(2, model.cfg.n_items, (cfg.n_negatives,), device=items.device)
-    pos_logits = (u * model.item_emb(tgt)).sum(-1, keepdim=True)
-    logits = model.scale() * torch.cat([pos_logits, u @ model.item_emb(neg).T], -1)
-    hit = F.pad(neg.unsqueeze(0) == tgt.unsqueeze(1), (1, 0), value=False)  # accidental hits are not negatives
-    logits = logits.masked_fill(hit, float("-inf"))  # after scaling: 0 * inf would poison the scale's gradient
-    loss = F.cross_entropy(logits, torch.zeros_like(tgt))
-    if cfg.category_weight > 0 and item_cats is not None and item_cats.shape[1] > 0:
-        loss = loss + cfg.category_weight * F.binary_cross_entropy_with_logits(model.category_logits(u), item_cats[tgt])
+    if cfg.n_negatives <= 0:  # full softmax: 9.7k items is cheap
+        logits = model.item_logits(u) + model.item_mask
+        loss = F.cross_entropy(logits, tgt, label_smoothing=cfg.label_smoothing)
+        if cfg.future_weight > 0:
+            loss = loss + cfg.future_weight * future_loss(logits, items, valid, cfg.future_window)
+    else:
+        neg = torch.randint(2, model.cfg.n_items, (cfg.n_negatives,), device=items.device)
+        pos_logits = (u * model.item_emb(tgt)).sum(-1, keepdim=True)
+        logits = model.scale() * torch.cat([pos_logits, u @ model.item_emb(neg).T], -1)
+        if model.item_bias is not None:
+            logits = logits + torch.cat(
+                [model.item_bias[tgt].unsqueeze(-1), model.item_bias[neg].expand(len(tgt), -1)], -1
+            )
+        hit = F.pad(neg.unsqueeze(0) == tgt.unsqueeze(1), (1, 0), value=False)  # accidental hits are not negatives
+        logits = logits.masked_fill(hit, float("-inf"))  # after scaling: 0 * inf would poison the scale's gradient
+        loss = F.cross_entropy(logits, torch.zeros_like(tgt))
+    if cfg.category_weight > 0 and model.cfg.n_categories > 0:
+        loss = loss + cfg.category_weight * category_loss(model, h, items, cfg.category_window)
     return loss
+
+
+def future_loss(logits: torch.Tensor, items: torch.Tensor, valid: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean NLL of the items 2..`window` events after each target under the same softmax (the next session is
+    several items, not one): `logits` [N, V] are the rows of the positions where `valid` [B, L] is set."""
+    L = items.shape[1]
+    ahead = torch.arange(L, device=items.device).unsqueeze(1) + torch.arange(1, window, device=items.device)
+    fut = F.pad(items, (0, window))[:, ahead]  # [B, L, window - 1]: items t+1 .. t+window-1 (0 past the end)
+    fut = fut[valid]
+    keep = (fut > 1).float()
+    logp = logits.log_softmax(-1).gather(1, fut)
+    return -(logp.masked_fill(keep == 0, 0.0) * keep).sum() / keep.sum().clamp(min=1.0)
+
+
+def category_loss(model: InterestTransformer, h: torch.Tensor, items: torch.Tensor, window: int) -> torch.Tensor:
+    """BCE of the category head at position t against the share of items t+1..t+window carrying each genre."""
+    known = (items > 1).float()
+    n, c = known.cumsum(1), (model.item_categories[items] * known.unsqueeze(-1)).cumsum(1)
+    ahead = (torch.arange(items.shape[1], device=items.device) + window).clamp(max=items.shape[1] - 1)
+    future_n, future_c = n[:, ahead] - n, c[:, ahead] - c  # counts over t+1 .. t+window
+    keep = (items != PAD) & (future_n > 0)
+    if not keep.any():
+        return h.sum() * 0.0
+    target = future_c[keep] / future_n[keep].unsqueeze(-1)
+    shares = model.history_genre_shares(items)
+    return F.binary_cross_entropy_with_logits(model.category_logits(h[keep], shares[keep]), target)
 
 
 def train(
@@ -141,10 +200,13 @@ def train(
     sp = sp or split(ds)
     enc = EncoderConfig(max_len=cfg.max_len)
     flags = {k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads", "dropout")}
-    flags |= {k: getattr(cfg, k) for k in ("use_session_pos", "use_time_gaps", "use_fusion")}
+    flags |= {k: getattr(cfg, k) for k in ("use_session_pos", "use_time_gaps", "use_fusion", "item_bias")}
+    flags |= {"knn_rank": min(cfg.knn_rank, len(sp.train)), "category_history": cfg.category_history}
     mcfg = ModelConfig.for_encoder(enc, len(ds.vocab), n_categories=len(ds.categories), **flags)
     model = InterestTransformer(mcfg).to(device)
     item_cats = torch.from_numpy(ds.item_categories).to(device) if ds.item_categories is not None else None
+    if item_cats is not None:
+        model.item_categories.copy_(item_cats)
     data = to_tensors(windows(sp.train, cfg.max_len), ds.vocab, enc, device)
     n = len(data["item_ids"])
     lengths = (data["item_ids"] != PAD).sum(1).cpu()
@@ -164,7 +226,7 @@ def train(
             for idx in batches(lengths, cfg.batch_size, gen):
                 width = int(lengths[idx].max())  # left-padded: drop the all-padding columns
                 batch = {k: v[idx.to(device), -width:] for k, v in data.items()}
-                loss = loss_fn(model, batch, cfg, item_cats)
+                loss = loss_fn(model, batch, cfg)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -189,22 +251,58 @@ def train(
                 break
     model.load_state_dict(best_state)
     model.eval()
+    knn = fit_knn(model, ds, sp, enc) if cfg.knn_rank > 0 else {}
     metrics = evaluate_model(model, ds, sp, enc)
+    alone = {}
+    if cfg.knn_rank > 0:  # the ablation without the kNN scorer, from the same weights
+        w = model.knn_weight.item()
+        model.knn_weight.fill_(0.0)
+        alone = {"test_metrics_alone": evaluate_model(model, ds, sp, enc)}
+        model.knn_weight.fill_(w)
     meta = {
         "dataset": ds.name,
         "data_hash": ds.data_hash,
         "train_config": asdict(cfg),
         "epochs": len(history["loss"]),
         "best_val_ndcg10": best,
+        "knn": knn,
         "train_seconds": round(time.monotonic() - t0, 1),
         "device": str(device),
         "test_metrics": metrics,
+        **alone,
         "torch_version": str(torch.__version__),
     }
     ckpt = Checkpoint(model, mcfg, enc, ds.vocab, ds.categories, item_cats, meta)
     if out is not None:
         save(ckpt, Path(out), history)
     return ckpt, history
+
+
+KNN_DECAYS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+KNN_WEIGHTS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
+
+
+@torch.no_grad()
+def fit_knn(model: InterestTransformer, ds: Dataset, sp: Split, enc: EncoderConfig) -> dict[str, float]:
+    """Fill the in-graph kNN scorer: the similarity factors from the training histories, then its recency decay
+    and mixing weight by grid search on the VALIDATION targets (NDCG@10). Weight 0 = the Transformer alone."""
+    from models.baselines import knn_factors
+
+    model.knn_factors.copy_(torch.from_numpy(knn_factors(sp.train, ds.vocab, model.cfg.knn_rank)))
+    device = next(model.parameters()).device
+    x = to_tensors(sp.val_inputs, ds.vocab, enc, device)
+    seen = torch.from_numpy(seen_mask(sp.val_inputs, ds.vocab)).to(device)
+    base = model.item_logits(model(**x)).masked_fill(seen, float("-inf"))
+    best = (-1.0, 0.0, 1.0)
+    for decay in KNN_DECAYS:
+        model.knn_decay.fill_(decay)
+        knn = model.knn_scores(x["item_ids"])
+        for w in KNN_WEIGHTS:
+            v = next_item_metrics((base + w * knn).cpu().numpy(), sp.val_targets, 10)["ndcg10"]
+            best = max(best, (v, w, decay))
+    model.knn_weight.fill_(best[1])
+    model.knn_decay.fill_(best[2])
+    return {"val_ndcg10": best[0], "weight": best[1], "decay": best[2]}
 
 
 def save(ckpt: Checkpoint, out: Path, history: dict[str, list[float]]) -> None:
@@ -254,7 +352,7 @@ def plot_curve(history: dict[str, list[float]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(history["loss"], color="tab:blue", label="train loss")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("sampled-softmax loss", color="tab:blue")
+    ax.set_ylabel("training loss", color="tab:blue")
     ax2 = ax.twinx()
     ax2.plot(history["val_ndcg10"], color="tab:orange", label="val NDCG@10")
     ax2.set_ylabel("validation NDCG@10", color="tab:orange")

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 
 from core.encoding import INPUT_NAMES, OOV, PAD
 from models.export import OUTPUT_NAMES, ServingModel, read_config, run_eager
@@ -45,8 +46,8 @@ def test_onnx_equals_eager_for_every_length_and_empty(tiny_checkpoint, tiny_expo
         assert got[name].dtype == np.float32 and np.isfinite(got[name]).all(), name
         np.testing.assert_allclose(got[name], ref[name], rtol=0, atol=TOL, err_msg=name)
     # Top-k: equal indices, up to order among scores tied within TOL (ranked by eager's own scores).
-    full = serving.model.item_scores(serving.model(*(__import__("torch").from_numpy(x[n]) for n in INPUT_NAMES)))
-    full = full.detach().numpy()
+    args = [torch.from_numpy(x[n]) for n in INPUT_NAMES]
+    full = serving.model.item_scores(serving.model(*args), args[0]).detach().numpy()
     np.testing.assert_allclose(np.take_along_axis(full, got["top_items"], 1), got["top_scores"], atol=TOL)
     same = (got["top_items"] == ref["top_items"]).all(1)
     assert same.mean() > 0.95, f"top_items differ beyond ties in {np.flatnonzero(~same)}"
@@ -138,3 +139,37 @@ def test_export_command_from_a_saved_checkpoint(tiny_checkpoint, tmp_path) -> No
     meta_out = json.loads((out / "interest_transformer" / "metadata.json").read_text())
     assert meta_out["data_hash"] == "abc" and meta_out["eval_metrics"] == {"ndcg10": 0.1}
     assert meta_out["model_version"].startswith("tiny-")
+
+
+def test_onnx_equals_eager_with_knn_item_bias_and_genre_shares(tmp_path) -> None:
+    """The in-graph scorers (factored kNN, item bias, history genre shares) export like the rest, F stored once."""
+    import onnx
+
+    from core.encoding import EncoderConfig
+    from models.export import export_onnx
+    from models.model import InterestTransformer, ModelConfig
+
+    torch.manual_seed(0)
+    enc = EncoderConfig(max_len=200)
+    model = InterestTransformer(ModelConfig.for_encoder(enc, TINY_ITEMS, n_categories=5, d_model=16, knn_rank=8)).eval()
+    with torch.no_grad():
+        model.knn_factors.copy_(torch.rand(model.knn_factors.shape))
+        model.knn_decay.fill_(0.8)
+        model.knn_weight.fill_(5.0)
+        model.item_bias.normal_()
+        model.category_hist_weight.normal_()
+        model.item_categories.copy_((torch.rand(model.item_categories.shape) < 0.3).float())
+    serving = ServingModel(model, 20)
+    path = export_onnx(serving, tmp_path / "model.onnx", enc.max_len)
+    big = [t.dims for t in onnx.load(str(path)).graph.initializer if np.prod(t.dims) == TINY_ITEMS * 8]
+    assert big == [[TINY_ITEMS, 8]], big  # no folded transposed or squared copy of the factors
+    x = every_length(enc.max_len, seed=2)
+    ref = dict(zip(OUTPUT_NAMES, run_eager(serving, x), strict=True))
+    got = dict(zip(OUTPUT_NAMES, ort.InferenceSession(str(path)).run(list(OUTPUT_NAMES), x), strict=True))
+    for name in ("interest", "category_scores", "top_scores"):
+        np.testing.assert_allclose(got[name], ref[name], rtol=0, atol=TOL, err_msg=name)
+    assert (got["top_items"] == ref["top_items"]).all(1).mean() > 0.95
+    args = [torch.from_numpy(x[n]) for n in INPUT_NAMES]
+    with torch.no_grad():
+        knn = model.knn_scores(args[0])
+    assert knn[0].abs().max() == 0 and torch.allclose(knn[1:].amax(1), torch.ones(len(knn) - 1))  # empty: no NaN

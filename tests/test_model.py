@@ -47,8 +47,8 @@ def test_forward_contract(flags):
     x = inputs(histories())
     with torch.no_grad():
         interest = model(**x)
-        scores = model.item_scores(interest)
-        cats = model.category_scores(interest)
+        scores = model.item_scores(interest, x["item_ids"])
+        cats = model.category_scores(interest, x["item_ids"])
     assert interest.shape == (6, 16) and interest.dtype == torch.float32
     assert torch.isfinite(interest).all()
     torch.testing.assert_close(interest.norm(dim=-1), torch.ones(6))

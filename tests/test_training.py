@@ -14,7 +14,7 @@ from core.sessions import fingerprint, state_from_events
 from models.baselines import ItemKNN, Popularity
 from models.data import HISTORY, load_movielens, load_otto, prefix, split
 from models.datasets import by_user, otto_events
-from models.ranking import next_item_metrics, next_session_metrics, seen_mask
+from models.ranking import category_ndcg, category_relevance, next_item_metrics, next_session_metrics, seen_mask
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,39 @@ def test_ranking_metrics_by_hand():
     assert ns["recall2"] == 1.0 and ns["ndcg2"] == pytest.approx(1.0)
 
 
+def test_category_ndcg_by_hand():
+    cats = np.array([[0, 0, 0], [0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 0, 1]], dtype=np.float32)
+    rel = category_relevance(cats, [np.array([2, 3]), np.array([0])])  # the second row has no genre: skipped
+    assert rel[0].tolist() == [1.0, 0.5, 0.0]
+    assert category_ndcg(np.array([[3.0, 2.0, 1.0], [0, 0, 0]]), rel, k=2) == pytest.approx(1.0)
+    got = category_ndcg(np.array([[2.0, 3.0, 1.0], [0, 0, 0]]), rel, k=2)
+    assert got == pytest.approx((0.5 + 1 / np.log2(3)) / (1 + 0.5 / np.log2(3)))
+
+
+def test_in_graph_knn_ranks_like_item_knn(movielens):
+    """With exact factors (rank >= training users), the model's in-graph kNN evidence is ItemKNN's score."""
+    from core.encoding import EncoderConfig, Vocabulary
+    from models.baselines import knn_factors
+    from models.model import InterestTransformer, ModelConfig
+
+    states = movielens.states[:12]
+    vocab = Vocabulary(sorted({i for s in states for i in s.items}))
+    enc = EncoderConfig(max_len=200)
+    cfg = ModelConfig.for_encoder(enc, len(vocab), n_categories=2, knn_rank=16, d_model=8)
+    model = InterestTransformer(cfg).eval()
+    with torch.no_grad():
+        model.knn_factors.copy_(torch.from_numpy(knn_factors(states, vocab, 16)))
+        model.knn_decay.fill_(0.9)
+    inputs = [prefix(s, min(len(s), 150)) for s in states]  # within the window: the same events as ItemKNN sees
+    x = torch.from_numpy(encode_batch(inputs, vocab, enc)["item_ids"])
+    with torch.no_grad():
+        got = model.knn_scores(x).numpy()
+    want = ItemKNN(states, vocab, decay=0.9).scores(inputs, vocab)
+    unseen = ~seen_mask(inputs, vocab)
+    for g, w, m in zip(got, want, unseen, strict=True):
+        np.testing.assert_allclose(g[m] / g[m].max(), w[m] / w[m].max(), atol=1e-4)
+
+
 def test_baselines_rank_sensibly(movielens):
     ds = movielens
     sp = split(ds)
@@ -73,12 +106,15 @@ def test_train_save_load_roundtrip(movielens, tmp_path):
     from models.train import TrainConfig, load_checkpoint, train
 
     ds = replace(movielens, states=movielens.states[:40], users=movielens.users[:40])
-    cfg = TrainConfig(max_len=20, d_model=16, max_epochs=2, batch_size=16, n_negatives=32, device="cpu")
+    cfg = TrainConfig(max_len=20, d_model=16, max_epochs=2, batch_size=16, device="cpu")
     ckpt, history = train(cfg, ds, out=tmp_path, quiet=True)
     assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"]))
     for name in ("checkpoint.pt", "vocab.json", "categories.json", "metrics.json", "train_curve.png"):
         assert (tmp_path / name).stat().st_size > 0
-    assert json.loads((tmp_path / "metrics.json").read_text())["data_hash"] == ds.data_hash
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["data_hash"] == ds.data_hash and set(metrics["knn"]) == {"val_ndcg10", "weight", "decay"}
+    assert 0 <= metrics["test_metrics"]["cat_ndcg5"] <= 1 and "test_metrics_alone" in metrics
+    assert ckpt.model.knn_factors.max() > 0 and ckpt.model.item_categories.sum() > 0  # filled, and saved with it
     loaded = load_checkpoint(tmp_path)
     assert not loaded.model.training and loaded.vocab.items == ds.vocab.items and loaded.categories == ds.categories
     assert (
@@ -88,4 +124,4 @@ def test_train_save_load_roundtrip(movielens, tmp_path):
     x = {k: torch.from_numpy(v) for k, v in encode_batch(ds.states[:5], loaded.vocab, loaded.encoder_config).items()}
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(**x), ckpt.model(**x))
-        assert torch.isfinite(loaded.model.item_scores(loaded.model(**x))[:, 2:]).all()
+        assert torch.isfinite(loaded.model.item_scores(loaded.model(**x), x["item_ids"])[:, 2:]).all()
