@@ -81,7 +81,8 @@ class Settings(BaseSettings):
     worker_max_poll_interval_s: float = Field(1000.0, gt=0, description="a worker not polling this long leaves")
     worker_standby_replicas: int = Field(1, ge=0, description="Faust standby copies of each table partition")
     metrics_port: int = Field(9108, ge=0, le=65535)
-    health_stall_s: float = Field(4.0, gt=0, description="/health is degraded once a batch takes longer than this")
+    # /health says degraded once a batch takes longer than this: within ~3.5 s of a Triton hang (issue 11: <= 5 s).
+    health_stall_s: float = Field(3.0, gt=0, description="/health is degraded once a batch takes longer than this")
 
     @property
     def topic_dlq(self) -> str:
