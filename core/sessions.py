@@ -255,7 +255,7 @@ def encode_state(state: UserState) -> bytes:
             items=list(state.items),
             types=[_TYPE_CODES.get(t, t) for t in state.types],
             values=[int(v) if v is not None and v.is_integer() else v for v in state.values],
-            fps=b"".join(fp.to_bytes(8, "big") for fp in state.fps),
+            fps=_pack(state.fps),
             starts=list(state.starts),
             events_seen=state.events_seen,
             sessions_evicted=state.sessions_evicted,
@@ -263,9 +263,18 @@ def encode_state(state: UserState) -> bytes:
             dirty=state.dirty,
             input_offset=state.input_offset,
             id_ts=list(state.id_ts),
-            id_fps=b"".join(fp.to_bytes(8, "big") for fp in state.id_fps),
+            id_fps=_pack(state.id_fps),
         )
     )
+
+
+def _pack(fps: Sequence[int]) -> bytes:
+    """64-bit fingerprints as 8 big-endian bytes each (msgpack would spend 9 per int and a list header)."""
+    return b"".join(fp.to_bytes(8, "big") for fp in fps)
+
+
+def _unpack(data: bytes) -> tuple[int, ...]:
+    return tuple(int.from_bytes(data[i : i + 8], "big") for i in range(0, len(data), 8))
 
 
 def decode_state(data: bytes | None) -> UserState:
@@ -276,13 +285,12 @@ def decode_state(data: bytes | None) -> UserState:
         raise ValueError(f"unknown state format {s.format}")
     n = len(s.items)
     ts = tuple(accumulate(s.dts, initial=s.t0)) if n else ()
-    fp = s.fps
     return UserState(
         ts=ts,
         items=tuple(s.items),
         types=tuple(KNOWN_EVENT_TYPES[t] if isinstance(t, int) else t for t in s.types),
         values=tuple(float(v) if v is not None else None for v in s.values),
-        fps=tuple(int.from_bytes(fp[i : i + 8], "big") for i in range(0, 8 * n, 8)),
+        fps=_unpack(s.fps),
         starts=tuple(s.starts),
         events_seen=s.events_seen,
         sessions_evicted=s.sessions_evicted,
@@ -290,5 +298,5 @@ def decode_state(data: bytes | None) -> UserState:
         dirty=s.dirty,
         input_offset=s.input_offset,
         id_ts=tuple(s.id_ts),
-        id_fps=tuple(int.from_bytes(s.id_fps[i : i + 8], "big") for i in range(0, len(s.id_fps), 8)),
+        id_fps=_unpack(s.id_fps),
     )
