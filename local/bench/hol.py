@@ -17,6 +17,7 @@ design (a Kafka partition is one ordered log); users on other partitions must no
 from __future__ import annotations
 
 import asyncio
+import itertools
 import tempfile
 import time
 from dataclasses import dataclass
@@ -58,14 +59,12 @@ def partition_of(key: bytes, partitions: int) -> int:
 def pick_probes(hot: bytes, partitions: int, count: int) -> tuple[list[str], list[str]]:
     """`count // 2` user ids on the hot user's partition and `count - count // 2` on the others."""
     target = partition_of(hot, partitions)
-    same, other, i = [], [], 0
-    while len(same) < count // 2 or len(other) < count - count // 2:
-        user = f"probe-{i}"
-        bucket = same if partition_of(user.encode(), partitions) == target else other
-        if len(bucket) < (count // 2 if bucket is same else count - count // 2):
-            bucket.append(user)
-        i += 1
-    return same, other
+
+    def first(n: int, on_hot: bool) -> list[str]:
+        ids = (f"probe-{i}" for i in itertools.count())
+        return list(itertools.islice((u for u in ids if (partition_of(u.encode(), partitions) == target) == on_hot), n))
+
+    return first(count // 2, True), first(count - count // 2, False)
 
 
 def run(
@@ -92,8 +91,7 @@ def run(
         pipe.start_workers()
         last_hot_ms = start_ms + hot_events - 1
         lat, drained_at = run_sync(_probe(settings, same + other, seconds, hot, last_hot_ms))
-    send_end = {u: drained_at for u in same + other}
-    keep = lambda users: [ms for u, sent, ms in lat if u in users and sent < send_end[u]]  # noqa: E731
+    keep = lambda users: [ms for u, sent, ms in lat if u in users and sent < drained_at]  # noqa: E731
     drain_s = (drained_at - min((s for _, s, _ in lat), default=drained_at)) / 1000
     return HolResult(hot_events, drain_s, keep(set(other)), keep(set(same)))
 
