@@ -1,8 +1,9 @@
 """The two wire contracts: events in (schema version 1, strict validation) and interest records out (version 1).
 
 Producers publish one JSON object per message to the events topic, keyed by `user_id`. Validation never
-raises to the worker: `parse_event` returns either an `Event` or a `Rejection` whose `reason` is one of a
-small fixed set (safe as a metric label) and whose `detail` tells the producer what to fix. The schema is
+raises to the worker: `parse_event` returns an `Event`, a `Forget` (the control message that erases a user) or a
+`Rejection` whose `reason` is one of a small fixed set (safe as a metric label) and whose `detail` tells the
+producer what to fix. The schema is
 documented in docs/events.md; `event_json_schema()` emits it as JSON Schema.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Annotated, Final
+from typing import Annotated, Final, Literal
 
 import msgspec
 from msgspec import Meta
@@ -48,6 +49,22 @@ class Event(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, froz
     version: Annotated[int, Meta(ge=SCHEMA_VERSION, le=SCHEMA_VERSION)] = SCHEMA_VERSION
 
 
+#: The reserved event type of the control message that erases a user (`Forget`); no item event may use it.
+FORGET: Final = "forget"
+
+
+class Forget(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
+    """Erase the user: stored state and latest record deleted, a tombstone on the output topic, later events start
+    a fresh history (docs/events.md, "Forgetting a user"). Sent on the events topic with the user's key, so it is
+    ordered with the user's events. `timestamp` (ms) is when it was requested; it is validated, not used."""
+
+    user_id: Id
+    event_type: Literal["forget"]
+    timestamp: TimestampMs
+    event_id: Id | None = None
+    version: Annotated[int, Meta(ge=SCHEMA_VERSION, le=SCHEMA_VERSION)] = SCHEMA_VERSION
+
+
 class Rejection(msgspec.Struct, frozen=True):
     """Why a message was not applied. `reason` is a bounded label; `detail` is for humans."""
 
@@ -70,7 +87,9 @@ _PATTERN_HELP = {
     **{f: f"{f} must be {_ID_HELP} (zero-width, bidi, BOM)" for f in ("user_id", "item_id", "event_id")},
     "event_type": "event_type must match [a-z][a-z0-9_]{0,31} (lower case, no trailing newline)",
 }
+_FORGET_RESERVED = f"event_type {FORGET!r} is reserved for erasing a user: send it without item_id, value or context"
 _decoder = msgspec.json.Decoder(Event)
+_forget_decoder = msgspec.json.Decoder(Forget)
 _encoder = msgspec.json.Encoder()
 
 
@@ -81,46 +100,61 @@ def parse_event(
     max_bytes: int = 16 * 1024,
     max_future_ms: int = 600_000,
     now_ms: int | None = None,
-) -> Event | Rejection:
-    """Validate one message. Pure apart from reading the clock when `now_ms` is not given."""
+) -> Event | Forget | Rejection:
+    """Validate one message of the events topic. Pure apart from reading the clock when `now_ms` is not given."""
     if raw is None:
         return Rejection("invalid_json", "empty message (tombstone)")
     if len(raw) > max_bytes:
         return Rejection("too_large", f"message is {len(raw)} bytes; the limit is {max_bytes}")
+    message: Event | Forget
     try:
-        event = _decoder.decode(raw)
+        message = _decoder.decode(raw)
     except msgspec.ValidationError as exc:
-        detail = str(exc)
-        if "matching regex" in detail:
-            detail = _PATTERN_HELP.get(detail.rsplit("$.", 1)[-1].rstrip("`"), detail)
-        if "timestamp" in detail and ">=" in detail:
-            detail += " (timestamp is Unix epoch *milliseconds*; seconds would look like this)"
-            return Rejection("timestamp_range", detail)
-        return Rejection("schema", detail)
+        # A forget has no item_id; its decoder is only tried then, so an ordinary event pays nothing for it.
+        if "missing required field `item_id`" not in str(exc) or (b'"forget"' not in raw and b"\\" not in raw):
+            return _invalid(exc)
+        try:
+            message = _forget_decoder.decode(raw)
+        except msgspec.ValidationError as forget_exc:
+            return _invalid(exc if "$.event_type" in str(forget_exc) else forget_exc)  # not a forget at all
+        except (msgspec.DecodeError, UnicodeDecodeError) as forget_exc:
+            return Rejection("invalid_json", str(forget_exc))
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         return Rejection("invalid_json", str(exc))
-    if (duplicate := _repeated_key(raw, event)) is not None:
+    if isinstance(message, Event) and message.event_type == FORGET:
+        return Rejection("schema", _FORGET_RESERVED)
+    if (duplicate := _repeated_key(raw, message)) is not None:
         return Rejection("invalid_json", f"key {duplicate!r} appears more than once in one object")
     now = now_ms if now_ms is not None else int(time.time() * 1000)
-    if event.timestamp > now + max_future_ms:
+    if message.timestamp > now + max_future_ms:
         return Rejection(
             "timestamp_range",
-            f"timestamp {event.timestamp} is {(event.timestamp - now) / 1000:.0f} s in the future "
+            f"timestamp {message.timestamp} is {(message.timestamp - now) / 1000:.0f} s in the future "
             f"(allowed: {max_future_ms / 1000:.0f} s)",
         )
-    if key is not None and key != event.user_id.encode():
-        return Rejection("key_mismatch", f"message key {key[:64]!r} differs from user_id {event.user_id!r}")
-    return event
+    if key is not None and key != message.user_id.encode():
+        return Rejection("key_mismatch", f"message key {key[:64]!r} differs from user_id {message.user_id!r}")
+    return message
+
+
+def _invalid(exc: msgspec.ValidationError) -> Rejection:
+    detail = str(exc)
+    if "matching regex" in detail:
+        detail = _PATTERN_HELP.get(detail.rsplit("$.", 1)[-1].rstrip("`"), detail)
+    if "timestamp" in detail and ">=" in detail:
+        detail += " (timestamp is Unix epoch *milliseconds*; seconds would look like this)"
+        return Rejection("timestamp_range", detail)
+    return Rejection("schema", detail)
 
 
 _FIELD_TOKENS = [f'"{name}"'.encode() for name in Event.__struct_fields__]
 
 
-def _repeated_key(raw: bytes, event: Event) -> str | None:
+def _repeated_key(raw: bytes, event: Event | Forget) -> str | None:
     """A key that appears twice in one JSON object (the decoder keeps the last: `{"user_id":"a","user_id":"b"}`
     would be applied to b). Fast path: without escapes or a context object, a field's quoted name occurring at
     most once in the bytes cannot be a repeated key; anything else is checked with the standard json parser."""
-    if event.context is None and b"\\" not in raw and all(raw.count(t) <= 1 for t in _FIELD_TOKENS):
+    if getattr(event, "context", None) is None and b"\\" not in raw and all(raw.count(t) <= 1 for t in _FIELD_TOKENS):
         return None
     repeated: list[str] = []
 
@@ -133,7 +167,7 @@ def _repeated_key(raw: bytes, event: Event) -> str | None:
     return repeated[0] if repeated else None
 
 
-def encode_event(event: Event) -> bytes:
+def encode_event(event: Event | Forget) -> bytes:
     return _encoder.encode(event)
 
 

@@ -23,6 +23,8 @@ Rules, in event time (`Event.timestamp`, ms):
   event is more than `lateness_ms + gap_ms` behind the watermark, so no acceptable late event can reach
   them) only the newest `max_sessions` are kept. Sessions that a late event could still merge are never
   evicted: that is what makes the result independent of arrival order within the lateness.
+* A **forget** (`core.schema.Forget`) deletes the state; the user's later events fold into an empty state, a fresh
+  history. Whether a forget read again was already executed is decided by offset too (`forget_is_replay`).
 """
 
 from __future__ import annotations
@@ -191,6 +193,14 @@ def apply_events(
     if not report.changed and new_state == replace(state, input_offset=input_offset):
         return state, report  # only duplicates, and no identity's life was extended
     return new_state, report
+
+
+def forget_is_replay(stored: UserState, offset: int) -> bool:
+    """Was the forget at input `offset` already executed? It deleted the state, so a stored state that holds
+    `offset` or a later one was built after it: a fresh history, which a replayed forget must not erase. Without
+    such a state (none, or only older input) it must run (again): a crash may have come before the deletion or
+    before the output tombstone, and running it twice is harmless."""
+    return stored.input_offset >= offset
 
 
 def _remembered_ids(

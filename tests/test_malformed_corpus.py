@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from core.schema import REASONS, Event, Rejection, parse_event
+from core.schema import REASONS, Event, Forget, Rejection, parse_event
 
 NOW_MS = 1_700_000_000_000
 VALID: dict[str, Any] = {
@@ -34,6 +34,8 @@ def raw_fields(text: str) -> bytes:
     return ("{" + text + "}").encode()
 
 
+NO_ITEM: dict[str, Any] = {"item_id": ..., "value": ..., "context": ...}
+FORGET_REST = f'"event_type":"forget","timestamp":{NOW_MS}'
 BASE = f'"item_id":"318","event_type":"view","timestamp":{NOW_MS - 60_000}'
 
 #: kind -> (key, raw value, expected reason)
@@ -102,10 +104,18 @@ CORPUS: dict[str, tuple[bytes, bytes | None, str]] = {
     "key_mismatch": (b"someone-else", doc(), "key_mismatch"),
     "key_with_newline": (b"u0138\n", doc(), "key_mismatch"),
     "too_large": (b"u0138", doc(context={"k": "v" * 200}) + b" " * 20_000, "too_large"),
+    # "forget" is reserved for the control message that erases a user: no item, value or context with it
+    "forget_with_item_id": (b"u0138", doc(event_type="forget"), "schema"),
+    "forget_with_value": (b"u0138", doc(event_type="forget", item_id=..., context=...), "schema"),
+    "forget_key_mismatch": (b"someone-else", doc(event_type="forget", **NO_ITEM), "key_mismatch"),
+    "forget_unknown_field": (b"u0138", doc(event_type="forget", reason="gdpr", **NO_ITEM), "schema"),
+    "forget_in_seconds": (b"u0138", doc(event_type="forget", timestamp=NOW_MS // 1000, **NO_ITEM), "timestamp_range"),
+    "forget_duplicate_user_id": (b"b", raw_fields('"user_id":"a","user_id":"b",' + FORGET_REST), "invalid_json"),
+    "missing_item_id_forget_in_context": (b"u0138", doc(item_id=..., context={"why": "forget"}), "schema"),
 }
 
 
-def parse(key: bytes, value: bytes | None) -> Event | Rejection:
+def parse(key: bytes, value: bytes | None) -> Event | Forget | Rejection:
     return parse_event(value, key, max_bytes=16 * 1024, now_ms=NOW_MS)
 
 
@@ -138,3 +148,16 @@ VALID_VARIANTS: dict[str, Callable[[], tuple[bytes, bytes]]] = {
 def test_valid_variants_are_accepted(kind: str) -> None:
     key, value = VALID_VARIANTS[kind]()
     assert isinstance(parse(key, value), Event), parse(key, value)
+
+
+def test_a_forget_message_is_accepted_and_nothing_else_becomes_one() -> None:
+    forget = parse(b"u0138", doc(event_type="forget", **NO_ITEM))
+    assert forget == Forget(user_id="u0138", event_type="forget", timestamp=VALID["timestamp"], event_id="e-1")
+    minimal = raw_fields('"user_id":"u0138",' + FORGET_REST)
+    assert parse(b"u0138", minimal) == Forget(user_id="u0138", event_type="forget", timestamp=NOW_MS)
+    escaped = minimal.replace(b"forget", b"forg\\u0065t")
+    assert isinstance(parse(b"u0138", escaped), Forget)
+    missing_item = parse(b"u0138", doc(item_id=..., context={"why": "forget"}))
+    assert isinstance(missing_item, Rejection) and "item_id" in missing_item.detail, "the event's own error"
+    reserved = parse(b"u0138", doc(event_type="forget"))
+    assert isinstance(reserved, Rejection) and "reserved" in reserved.detail

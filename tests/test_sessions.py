@@ -15,6 +15,7 @@ from core.sessions import (
     apply_events,
     decode_state,
     encode_state,
+    forget_is_replay,
     state_from_events,
 )
 
@@ -136,6 +137,16 @@ def test_replay_recognised_by_offset_after_eviction():
     again, report = apply_events(state, events, SMALL, offsets=list(range(len(events))))
     assert report.outcomes == [Outcome.REPLAY] * len(events) and again == state
     assert state.events_seen == 30 and state.input_offset == 29
+
+
+def test_a_forget_is_a_replay_only_when_a_newer_state_exists():
+    """forget at offset 5: executed when nothing (or only older input) is stored; a state holding offset 6 was built
+    after the forget ran (it deleted everything older), so reading the forget again must leave it alone."""
+    older = apply_events(UserState(), [ev(T0)], SMALL, offsets=[4])[0]
+    fresh = apply_events(UserState(), [ev(T0)], SMALL, offsets=[6])[0]
+    assert not forget_is_replay(UserState(), 5) and not forget_is_replay(decode_state(None), 5)
+    assert not forget_is_replay(older, 5)
+    assert forget_is_replay(fresh, 5)
 
 
 def test_event_id_contract():
