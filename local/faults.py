@@ -1,7 +1,8 @@
 """Fault injection for the no-lost-update tests, kept out of the production worker.
 
 `python -m local.faults` runs the ordinary worker (settings from the environment) and SIGKILLs it at
-`FAULT_KILL_AT` (`before_publish` or `after_publish`) once it has published `FAULT_KILL_AFTER_OUTPUTS` records.
+`FAULT_KILL_AT` (`before_publish`, `after_publish`, or `after_forget_tables`: a user's state and record deleted,
+the output tombstone not yet sent) once it has published `FAULT_KILL_AFTER_OUTPUTS` records.
 `local.worker.spawn_worker` runs this module instead of the worker when the environment names a fault; it
 installs `local.longpoll` first when the environment asks for it, as `python -m local.longpoll` would.
 """
@@ -16,7 +17,7 @@ from local.longpoll import install_from_env
 from stream.settings import Settings
 from stream.worker import run_worker
 
-POINTS = ("before_publish", "after_publish")
+POINTS = ("before_publish", "after_publish", "after_forget_tables")
 log = logging.getLogger(__name__)
 
 

@@ -5,7 +5,8 @@ One event, input topic to output record (docs/architecture.md): the `ingest` age
 (`core.sessions.apply_events`) -> `stream.inference.InterestModel` encodes the changed users (`core.encoding`),
 asks Triton once for the batch and builds the records (`core.schema.InterestRecord`) -> the new state and record
 go to the tables (RocksDB + changelogs, awaited) -> the record goes to the output topic. Bad input goes to
-`<events>-dlq` with the reason in headers: the worker never stops on input.
+`<events>-dlq` with the reason in headers: the worker never stops on input. A `forget` control message erases
+its user (tables and changelogs, then a tombstone on the output topic; docs/events.md).
 
 Nothing lost, nothing conflicting (docs/output.md): a batch's offsets are committed only after the step finished;
 a crash anywhere in between re-reads the events, which the stored state recognises as replays by their offset,
@@ -27,8 +28,8 @@ import faust
 from faust.streams import _current_event, current_event
 from faust.types import EventT
 
-from core.schema import Event, Rejection, parse_event
-from core.sessions import Applied, Outcome, UserState, apply_events, decode_state, encode_state
+from core.schema import Event, Forget, Rejection, parse_event
+from core.sessions import Applied, Outcome, UserState, apply_events, decode_state, encode_state, forget_is_replay
 from stream import metrics
 from stream.inference import InterestModel
 from stream.settings import Settings
@@ -123,15 +124,17 @@ def create_app(settings: Settings, *, on_stage: Callable[[str, int], None] | Non
 class Sendable(Protocol):
     """What the step needs of a topic (a Faust `Topic`, or a fake in unit tests)."""
 
-    async def send(self, *, key: bytes, value: bytes, headers: Any = None) -> Awaitable[Any]: ...
+    async def send(self, *, key: bytes, value: bytes | None, headers: Any = None) -> Awaitable[Any]: ...
 
 
 class Tables(Protocol):
-    """The two tables: the user's state and its latest record. `put` returns what to await for durability."""
+    """The two tables: the user's state and its latest record. `put` and `delete` return what to await for
+    durability."""
 
     def get_state(self, key: bytes) -> bytes | None: ...
     def get_record(self, key: bytes) -> bytes | None: ...
     def put(self, key: bytes, state: bytes, record: bytes | None) -> list[Awaitable[Any]]: ...
+    def delete(self, key: bytes) -> list[Awaitable[Any]]: ...
 
 
 class FaustTables:
@@ -156,9 +159,19 @@ class FaustTables:
                 sent.append(table.send_changelog(partition, key, value))
         return sent
 
+    def delete(self, key: bytes) -> list[Awaitable[Any]]:
+        """The key out of both tables: RocksDB, and a tombstone (null value) on each changelog, sent even when
+        RocksDB had no key (a crash may have come between the two), so a restore cannot bring the user back."""
+        partition = current_event().message.partition  # type: ignore[union-attr]  # set by _as_current
+        sent = []
+        for table in (self.states, self.interests):
+            del table.data[key]  # RocksDB (a missing key is no error)
+            sent.append(table.send_changelog(partition, key, None, value_serializer="raw"))  # raw: None stays None
+        return sent
+
 
 Pairs = Sequence[tuple[Event, EventT]]
-Seen = set[tuple[int, int]]  # (partition, offset) of the messages already dead-lettered in this batch
+Seen = set[tuple[int, int]]  # (partition, offset) of the messages this batch already dead-lettered or executed
 DeadLetters = list[tuple[tuple[int, int], Awaitable[Any]]]  # this attempt's DLQ sends, awaited at its end
 
 
@@ -224,7 +237,8 @@ class BatchStep:
                 raise failed
 
     async def _process(self, batch: list[EventT], seen: Seen, dead: DeadLetters) -> None:
-        by_user: dict[bytes, list[tuple[Event, EventT]]] = {}
+        by_user: dict[bytes, list[tuple[Event | Forget, EventT]]] = {}
+        forgets = False
         for ev in batch:
             msg = ev.message
             parsed = parse_event(msg.value, msg.key or b"", max_bytes=self.max_bytes, max_future_ms=self.max_future_ms)
@@ -232,6 +246,9 @@ class BatchStep:
                 await self.dead_letter(ev, parsed, seen, dead)
             else:
                 by_user.setdefault(msg.key, []).append((parsed, ev))
+                forgets = forgets or isinstance(parsed, Forget)
+        if forgets:  # rare: the common batch skips this pass
+            by_user = await self.forget(by_user, seen)  # type: ignore[assignment]  # events only from here on
         to_publish: list[tuple[bytes, UserState, Pairs]] = []
         republish: list[tuple[bytes, bytes]] = []
         for key, pairs in by_user.items():
@@ -247,6 +264,37 @@ class BatchStep:
             metrics.OUTPUTS_REPUBLISHED.inc(len(republish))
         if to_publish:
             await self.publish(to_publish)
+
+    async def forget(
+        self, by_user: dict[bytes, list[tuple[Event | Forget, EventT]]], seen: Seen
+    ) -> dict[bytes, list[tuple[Event, EventT]]]:
+        """Execute each user's last forget of the batch: the tables (RocksDB + changelog tombstones, awaited), then a
+        tombstone on the output topic (awaited). Hands back the events after it, which fold into an empty state (a
+        fresh history, seq restarts at 1); those before it are never folded. A forget read again after a crash is
+        skipped when a newer state exists (`forget_is_replay`: that is the fresh history), else it runs again."""
+        events: dict[bytes, list[tuple[Event, EventT]]] = {}
+        erase: list[tuple[bytes, EventT]] = []
+        for key, pairs in by_user.items():
+            last = max((i for i, (m, _) in enumerate(pairs) if isinstance(m, Forget)), default=-1)
+            if after := [(e, ev) for e, ev in pairs[last + 1 :] if isinstance(e, Event)]:
+                events[key] = after
+            if last >= 0:
+                ev = pairs[last][1]
+                _as_current(ev)  # the table read is in the partition of the user's own message
+                done = (ev.message.partition, ev.message.offset) in seen  # by an earlier attempt at this batch
+                if not done and not forget_is_replay(decode_state(self.tables.get_state(key)), ev.message.offset):
+                    erase.append((key, ev))
+        if erase:
+            deleted: list[Awaitable[Any]] = []
+            for key, ev in erase:
+                _as_current(ev)  # the changelog tombstones go to the partition of the user's key
+                deleted += self.tables.delete(key)
+            await asyncio.gather(*deleted)
+            self.on_stage("after_forget_tables", self.published)
+            await asyncio.gather(*[await self.output.send(key=key, value=None) for key, _ in erase])
+            seen.update((ev.message.partition, ev.message.offset) for _, ev in erase)
+            metrics.USERS_FORGOTTEN.inc(len(erase))
+        return events
 
     async def fold(
         self, key: bytes, pairs: Pairs, seen: Seen, dead: DeadLetters

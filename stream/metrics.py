@@ -45,6 +45,9 @@ OUTPUTS_PUBLISHED = Counter("interest_outputs_published_total", "Interest record
 OUTPUTS_REPUBLISHED = Counter(
     "interest_outputs_republished_total", "Stored records published again, byte for byte, after a replay."
 )
+USERS_FORGOTTEN = Counter(
+    "interest_users_forgotten_total", "Users erased by a forget message (state, record and output tombstoned)."
+)
 WORKER_DEGRADED = Gauge("interest_worker_degraded", "1 while /health says degraded (inference failing or stalled).")
 EVENT_TO_OUTPUT_SECONDS = Histogram(
     "interest_event_to_output_seconds",

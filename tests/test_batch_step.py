@@ -11,7 +11,7 @@ from unittest.mock import AsyncMock, patch
 
 import pytest
 
-from core.schema import Event, encode_event
+from core.schema import Event, Forget, encode_event
 from core.sessions import UserState, decode_state
 from stream.app import BatchStep
 from stream.settings import Settings
@@ -36,9 +36,9 @@ class FakeEvent:
 
 @dataclass
 class FakeTopic:
-    sent: list[tuple[bytes, bytes, dict[str, bytes]]] = field(default_factory=list)
+    sent: list[tuple[bytes, bytes | None, dict[str, bytes]]] = field(default_factory=list)
 
-    async def send(self, *, key: bytes, value: bytes, headers: Any = None) -> asyncio.Future[None]:
+    async def send(self, *, key: bytes, value: bytes | None, headers: Any = None) -> asyncio.Future[None]:
         self.sent.append((key, value, dict(headers or [])))
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         done.set_result(None)
@@ -49,6 +49,7 @@ class FakeTopic:
 class DictTables:
     states: dict[bytes, bytes] = field(default_factory=dict)
     records: dict[bytes, bytes] = field(default_factory=dict)
+    deleted: list[bytes] = field(default_factory=list)
 
     def get_state(self, key: bytes) -> bytes | None:
         return self.states.get(key)
@@ -60,6 +61,12 @@ class DictTables:
         self.states[key] = state
         if record is not None:
             self.records[key] = record
+        return []
+
+    def delete(self, key: bytes) -> list[Any]:
+        self.deleted.append(key)
+        self.states.pop(key, None)
+        self.records.pop(key, None)
         return []
 
 
@@ -83,6 +90,11 @@ class FakeModel:
 def message(user: str, i: int, offset: int, **kw: Any) -> FakeEvent:
     event = Event(user_id=user, item_id=f"i{i}", event_type="view", timestamp=T0 + i * 1000, event_id=f"{user}-{i}")
     return FakeEvent(Message(user.encode(), encode_event(event), offset=offset, **kw))
+
+
+def forget(user: str, offset: int, key: str | None = None) -> FakeEvent:
+    value = encode_event(Forget(user_id=user, event_type="forget", timestamp=T0))
+    return FakeEvent(Message((key or user).encode(), value, offset=offset))
 
 
 def make_step(model: FakeModel | None, **settings: Any) -> tuple[BatchStep, DictTables, FakeTopic, FakeTopic]:
@@ -195,3 +207,60 @@ def test_stages_are_reported_for_fault_injection() -> None:
     step.on_stage = lambda point, published: seen.append((point, published))
     asyncio.run(step.process([message("a", 1, 0), message("b", 1, 1)]))
     assert seen == [("before_publish", 0), ("after_publish", 2)]
+
+
+def test_a_forget_erases_the_user_and_later_events_start_a_fresh_history() -> None:
+    """[e1, e2, forget, e3] of one user in one batch: e1 and e2 are never folded (erased anyway), the tables are
+    deleted, the output gets a tombstone and then e3's record, which starts again at seq 1 with one event."""
+    model = FakeModel()
+    step, tables, dlq, output = make_step(model)
+    asyncio.run(step.process([message("a", 0, 0), message("b", 0, 1)]))
+    batch = [message("a", 1, 2), message("a", 2, 3), forget("a", 4), message("b", 1, 5), message("a", 3, 6)]
+    asyncio.run(step.process(batch))
+    assert tables.deleted == [b"a"] and dlq.sent == []
+    assert [(k, v and json.loads(v)) for k, v, _ in output.sent[2:]] == [
+        (b"a", None),  # the tombstone first, then the fresh history
+        (b"a", {"user": "a", "seq": 1, "events": 1}),
+        (b"b", {"user": "b", "seq": 2, "events": 2}),
+    ]
+    fresh = decode_state(tables.states[b"a"])
+    assert (fresh.seq, fresh.events_seen, fresh.items, fresh.input_offset) == (1, 1, ("i3",), 6)
+    assert json.loads(tables.records[b"a"]) == {"user": "a", "seq": 1, "events": 1}
+    assert decode_state(tables.states[b"b"]).events_seen == 2, "other users are untouched"
+
+    stored, records, sent = dict(tables.states), dict(tables.records), len(output.sent)
+    asyncio.run(step.process(batch))  # the same input after a crash: the forget is a replay
+    assert tables.deleted == [b"a"], "a replayed forget must not erase the fresh history after it"
+    assert tables.states == stored and tables.records == records
+    assert [v for _, v, _ in output.sent[sent:]] == [records[b"a"], records[b"b"]], "stored records republished"
+
+
+def test_a_forget_runs_again_when_no_newer_state_exists_and_without_events_after_it() -> None:
+    """A crash between the deletion and the output tombstone leaves no state: the forget read again runs again, so
+    the tombstone is published (again). A user with no state at all is forgotten as a no-op plus a tombstone."""
+    step, tables, _, output = make_step(FakeModel())
+    asyncio.run(step.process([message("a", 1, 0)]))
+    asyncio.run(step.process([message("a", 2, 1), forget("a", 2)]))
+    asyncio.run(step.process([message("a", 2, 1), forget("a", 2)]))  # the replay: nothing newer stored
+    asyncio.run(step.process([forget("nobody", 3)]))
+    assert tables.states == {} and tables.records == {}
+    assert [(k, v) for k, v, _ in output.sent[1:]] == [(b"a", None), (b"a", None), (b"nobody", None)]
+    assert tables.deleted == [b"a", b"a", b"nobody"]
+
+
+def test_a_retried_batch_executes_its_forget_once_and_a_forget_with_another_key_is_dead_lettered() -> None:
+    model = FakeModel(fail=1)
+    step, tables, dlq, output = make_step(model)
+    batch = [forget("a", 0), message("a", 1, 1), forget("b", 2, key="c")]
+    with patch("stream.app.asyncio.sleep", AsyncMock()):
+        asyncio.run(step.process_until_done(batch))  # inference fails once, after the forget was executed
+    assert tables.deleted == [b"a"] and [(k, v is None) for k, v, _ in output.sent] == [(b"a", True), (b"a", False)]
+    assert [h["dlq.reason"] for _, _, h in dlq.sent] == [b"key_mismatch"]
+
+
+def test_an_erasure_stage_is_reported_for_fault_injection() -> None:
+    seen: list[tuple[str, int]] = []
+    step, *_ = make_step(FakeModel())
+    step.on_stage = lambda point, published: seen.append((point, published))
+    asyncio.run(step.process([message("a", 1, 0), forget("a", 1), message("a", 2, 2)]))
+    assert seen == [("after_forget_tables", 0), ("before_publish", 0), ("after_publish", 1)]
