@@ -58,6 +58,29 @@ def replay(
 
 
 @app.command()
+def forget(
+    user_id: str = typer.Argument(..., help="The user to erase: the user_id (and key) of their events"),
+    topic: str | None = typer.Option(None, help="Events topic (env TOPIC_EVENTS)"),
+    bootstrap: str | None = typer.Option(None, help="Kafka bootstrap servers (env KAFKA_BOOTSTRAP_SERVERS)"),
+) -> None:
+    """Erase a user: publish a forget message to the events topic, keyed by the user (docs/events.md). The worker
+    deletes their state and latest interest (RocksDB and changelogs) and publishes a tombstone on the output topic."""
+    import time
+
+    from core.schema import Forget, Rejection, encode_event, parse_event
+    from local.broker import run_sync
+    from local.replay import publish
+    from stream.settings import Settings
+
+    settings = Settings(**({"kafka_bootstrap_servers": bootstrap} if bootstrap else {}))
+    key, value = user_id.encode(), encode_event(Forget(user_id, "forget", int(time.time() * 1000)))
+    if isinstance(checked := parse_event(value, key), Rejection):  # the worker would dead-letter it
+        raise typer.BadParameter(checked.detail, param_hint="USER_ID")
+    result = run_sync(publish(settings, [(key, value)], topic=topic, progress=False))
+    typer.echo(f"forget {user_id!r} sent to {result.topic}")
+
+
+@app.command()
 def tail(
     topic: str | None = typer.Option(None, help="Topic to read (default: the events topic, env TOPIC_EVENTS)"),
     from_beginning: bool = typer.Option(False, "--from-beginning", help="Start at the oldest record"),
