@@ -38,7 +38,7 @@ from tests.fixtures.worker import (
     wait_caught_up,
     wait_for,
 )
-from tests.test_pipeline import TABLES, KillRig
+from tests.test_pipeline import TABLES, KillRig, assert_one_content_per_seq
 
 pytestmark = [pytest.mark.broker, pytest.mark.triton]
 NOW_MS = int(time.time() * 1000)
@@ -199,6 +199,7 @@ def test_a_sigkill_between_the_table_deletion_and_the_output_tombstone_still_pub
         wait_caught_up(settings, [worker], timeout_s=60)  # the forget is read again: no newer state, so it runs
         after = outputs(settings)
         assert after[b"alice"] == [*before[b"alice"], None] and after[b"bob"] == before[b"bob"]
+        assert assert_one_content_per_seq(settings)  # a reader that skips the tombstone
         assert worker.metric("interest_users_forgotten_total") == 1
         assert_gone_from_changelogs(settings, b"alice", kept=b"bob")
         worker.stop()
