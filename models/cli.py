@@ -1,4 +1,4 @@
-"""Model commands (train, eval, export, explain-check, eval-scenarios). Torch is imported inside each command, never at module load."""
+"""Model commands (train, eval, export, explain-check, eval-scenarios). Torch is imported inside each command."""
 
 from __future__ import annotations
 
