@@ -12,6 +12,7 @@ the most recent retained event sits at index max_len-1 and an overlong history k
 |               | `max_session_pos`; 0 on padding (padding is identified by `item_ids == PAD`)               |
 | `time_gaps`   | 0 pad, 1 first event of the encoded window (no previous event), else 2 + the number of     |
 |               | `gap_edges_ms` that the gap to the previous event is >= (log-spaced: 1 s .. 1 year)        |
+| `scenarios`   | 0 pad, 1 none or unknown, 2.. `EncoderConfig.scenarios` in order (`core.schema.scenario_of`)|
 
 The first event of the window always gets bucket 1, even when older events exist in the state: the encoding then
 depends only on the window, so a long offline history and the worker's bounded state encode alike.
@@ -36,7 +37,7 @@ OOV: Final = 1
 EVENT_TYPE_IDS: Final = {name: i + 2 for i, name in enumerate(KNOWN_EVENT_TYPES)}
 N_EVENT_TYPES: Final = 2 + len(KNOWN_EVENT_TYPES)
 
-INPUT_NAMES: Final = ("item_ids", "event_types", "session_pos", "time_gaps")
+INPUT_NAMES: Final = ("item_ids", "event_types", "session_pos", "time_gaps", "scenarios")
 
 _S = 1000
 #: Log-spaced gap edges (ms): 1 s, 10 s, 1 min, 5 min, 30 min (the session gap), 2 h, 1 day, 1 week, 30 days, 1 year.
@@ -49,6 +50,7 @@ class EncoderConfig:
     max_len: int = 200
     max_session_pos: int = 63  # older sessions share the capped position
     gap_edges_ms: tuple[int, ...] = DEFAULT_GAP_EDGES_MS
+    scenarios: tuple[str, ...] = ()  # the scenarios the model knows (from its training data); others encode as 1
 
     @property
     def n_session_pos(self) -> int:
@@ -63,11 +65,20 @@ class EncoderConfig:
             "max_len": self.max_len,
             "max_session_pos": self.max_session_pos,
             "gap_edges_ms": list(self.gap_edges_ms),
+            "scenarios": list(self.scenarios),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> EncoderConfig:
-        return cls(int(d["max_len"]), int(d["max_session_pos"]), tuple(int(x) for x in d["gap_edges_ms"]))
+        return cls(
+            int(d["max_len"]),
+            int(d["max_session_pos"]),
+            tuple(int(x) for x in d["gap_edges_ms"]),
+            tuple(str(x) for x in d.get("scenarios", ())),  # absent in exports made before scenarios
+        )
+
+    def scenario_ids(self) -> dict[str, int]:
+        return {name: i + 2 for i, name in enumerate(self.scenarios)}
 
 
 class Vocabulary:
@@ -131,6 +142,12 @@ def encode_batch(states: Sequence[UserState], vocab: Vocabulary, cfg: EncoderCon
         count=total,
     )
     ts = np.fromiter(chain.from_iterable(s.ts[a:] for s, a in zip(states, lo, strict=True)), np.int64, total)
+    names = chain.from_iterable(_scenarios(s, a) for s, a in zip(states, lo, strict=True))
+    scenarios = np.fromiter(
+        map(cfg.scenario_ids().get, names, repeat(1)),
+        dtype=np.int64,
+        count=total,
+    )
 
     offsets = np.zeros(B, dtype=np.int64)
     np.cumsum(ns[:-1], out=offsets[1:])
@@ -149,12 +166,48 @@ def encode_batch(states: Sequence[UserState], vocab: Vocabulary, cfg: EncoderCon
 
     rows = np.repeat(np.arange(B), ns)
     cols = np.arange(total) - np.repeat(offsets, ns) + np.repeat(L - ns, ns)
-    for name, values in zip(INPUT_NAMES, (items, types, session_pos, gaps), strict=True):
+    for name, values in zip(INPUT_NAMES, (items, types, session_pos, gaps, scenarios), strict=True):
         out[name][rows, cols] = values
     return out
 
 
-def example_inputs(batch: int, max_len: int, n_items: int, seed: int = 0) -> dict[str, np.ndarray]:
+def _scenarios(state: UserState, lo: int) -> Iterable[str]:
+    """The scenario of each event from `lo` on ("" = none; a state with no scenario at all stores none)."""
+    return state.scenarios[lo:] if state.scenarios else repeat("", len(state) - lo)
+
+
+def window_start(state: UserState, cfg: EncoderConfig) -> int:
+    """Index of the state's first event inside the encoded window (position `max_len - n` of the inputs)."""
+    return max(0, len(state) - cfg.max_len)
+
+
+def explain_sessions(
+    state: UserState, event_weights: np.ndarray, cfg: EncoderConfig, top_sessions: int = 3, top_items: int = 3
+) -> list[tuple[int, int, int, float, list[str]]]:
+    """Per-position weights of one encoded history (`[max_len]`, left-padded like the inputs) summed per retained
+    session: `(start_ms, end_ms, events, weight, top items)` for the `top_sessions` heaviest, heaviest first.
+    Sessions wholly before the window get no weight and are not listed."""
+    lo = window_start(state, cfg)
+    n = len(state) - lo
+    if n == 0:
+        return []
+    w = np.asarray(event_weights, dtype=np.float64)[cfg.max_len - n :]  # w[j] belongs to event lo + j
+    out = []
+    for sl in state.session_slices():
+        a, b = max(sl.start, lo), sl.stop
+        if b <= a:
+            continue
+        ws = w[a - lo : b - lo]
+        order = np.argsort(-ws, kind="stable")
+        items = list(dict.fromkeys(state.items[a + int(j)] for j in order))[:top_items]
+        out.append((state.ts[sl.start], state.ts[b - 1], b - sl.start, float(ws.sum()), items))
+    out.sort(key=lambda s: -s[3])
+    return out[:top_sessions]
+
+
+def example_inputs(
+    batch: int, max_len: int, n_items: int, seed: int = 0, n_scenarios: int = 0
+) -> dict[str, np.ndarray]:
     """Random left-padded histories of random lengths (valid index ranges), for export, tests and benchmarks."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(0, max_len + 1, batch)
@@ -164,5 +217,6 @@ def example_inputs(batch: int, max_len: int, n_items: int, seed: int = 0) -> dic
         "event_types": rng.integers(1, 4, (batch, max_len)),
         "session_pos": np.sort(rng.integers(0, 8, (batch, max_len)), axis=1)[:, ::-1],
         "time_gaps": rng.integers(1, 13, (batch, max_len)),
+        "scenarios": rng.integers(1, 2 + n_scenarios, (batch, max_len)),
     }
     return {n: np.ascontiguousarray(np.where(valid, v, PAD), dtype=np.int64) for n, v in x.items()}

@@ -167,6 +167,21 @@ def _repeated_key(raw: bytes, event: Event | Forget) -> str | None:
     return repeated[0] if repeated else None
 
 
+#: Context keys that name the scenario (platform, surface) an event happened in; the first string one wins.
+SCENARIO_KEYS: Final = ("scenario", "platform")
+
+
+def scenario_of(event: Event) -> str:
+    """The event's scenario (`context.scenario`, else `context.platform`), "" when it names none. The model
+    reads it as an input and can answer "the interest in one scenario" (docs/events.md)."""
+    if event.context:
+        for key in SCENARIO_KEYS:
+            value = event.context.get(key)
+            if isinstance(value, str) and value:
+                return value
+    return ""
+
+
 def encode_event(event: Event | Forget) -> bytes:
     return _encoder.encode(event)
 
@@ -192,6 +207,23 @@ class ModelRef(msgspec.Struct):
     version: str
 
 
+class SessionWeight(msgspec.Struct):
+    """One retained session and how much it drove the interest (the readout's attention, summed over the session)."""
+
+    session_start_ms: int
+    session_end_ms: int
+    events: int  # retained events of the session
+    weight: float  # share of the readout's attention on this session's events (all sessions sum to <= 1)
+    top_items: list[str]  # the session's items with the most attention, most first
+
+
+class ScenarioInterest(msgspec.Struct):
+    """The interest as if the user's next event happened in one scenario (context.scenario / platform)."""
+
+    interest: list[float]
+    top_items: list[Scored]
+
+
 class InterestRecord(msgspec.Struct, omit_defaults=False):
     user_id: str
     seq: int
@@ -205,9 +237,18 @@ class InterestRecord(msgspec.Struct, omit_defaults=False):
     model: ModelRef
     computed_at_ms: int
     version: int = OUTPUT_SCHEMA_VERSION
+    explanation: list[SessionWeight] = []  # the sessions that drove `interest`, heaviest first
+    scenarios: dict[str, ScenarioInterest] = {}  # per scenario the model knows; empty when it knows none
 
 
 _record_decoder = msgspec.json.Decoder(InterestRecord)
+
+
+def in_scenario(record: InterestRecord, scenario: str) -> InterestRecord:
+    """The record as seen from one scenario: its interest and top items replace the general ones, and
+    `scenarios` holds only that one (so a reader can tell which). KeyError for a scenario the model lacks."""
+    view = record.scenarios[scenario]
+    return msgspec.structs.replace(record, interest=view.interest, top_items=view.top_items, scenarios={scenario: view})
 
 
 def encode_record(record: InterestRecord) -> bytes:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from core.schema import KNOWN_EVENT_TYPES
+from core.schema import KNOWN_EVENT_TYPES, scenario_of
 
 if TYPE_CHECKING:
     from core.schema import Event
@@ -71,6 +71,7 @@ class UserState:
     values: tuple[float | None, ...] = ()
     fps: tuple[int, ...] = ()
     starts: tuple[int, ...] = ()
+    scenarios: tuple[str, ...] = ()  # per event, "" = none; () = none for every event (states before scenarios)
     events_seen: int = 0  # applied events ever, retained or not
     sessions_evicted: int = 0  # whole sessions dropped by the bounds
     # Output bookkeeping, owned by the inference path: the sequence number of the last published update
@@ -124,6 +125,7 @@ def apply_events(
     """Fold `events` (in arrival order; `offsets`: their input offsets, if known) into `state`. Pure."""
     ts, items, types = list(state.ts), list(state.items), list(state.types)
     values, fps = list(state.values), list(state.fps)
+    scenarios = list(state.scenarios) or [""] * len(ts)
     last_seen = dict(zip(state.id_fps, state.id_ts, strict=True))  # identity -> latest time, beyond retention
     for t, fp in zip(ts, fps, strict=True):
         last_seen[fp] = max(last_seen.get(fp, t), t)
@@ -153,6 +155,7 @@ def apply_events(
         types.insert(i, event.event_type)
         values.insert(i, event.value)
         fps.insert(i, fp)
+        scenarios.insert(i, scenario_of(event))
         isolated_before = i == 0 or t - ts[i - 1] > cfg.gap_ms
         isolated_after = i == len(ts) - 1 or ts[i + 1] - t > cfg.gap_ms
         report.new_sessions += isolated_before and isolated_after
@@ -183,6 +186,7 @@ def apply_events(
         values=tuple(values[drop:]),
         fps=tuple(fps[drop:]),
         starts=tuple(starts),
+        scenarios=tuple(scenarios[drop:]) if any(scenarios[drop:]) else (),
         events_seen=state.events_seen + applied,
         sessions_evicted=state.sessions_evicted + evicted,
         dirty=state.dirty or applied > 0,
@@ -249,6 +253,7 @@ class _Stored(msgspec.Struct, array_like=True):
     input_offset: int = -1
     id_ts: list[int] = []
     id_fps: bytes = b""
+    scenarios: list[str] = []  # empty: no event names a scenario (and states stored before scenarios existed)
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -274,6 +279,7 @@ def encode_state(state: UserState) -> bytes:
             input_offset=state.input_offset,
             id_ts=list(state.id_ts),
             id_fps=_pack(state.id_fps),
+            scenarios=list(state.scenarios),
         )
     )
 
@@ -309,4 +315,5 @@ def decode_state(data: bytes | None) -> UserState:
         input_offset=s.input_offset,
         id_ts=tuple(s.id_ts),
         id_fps=_unpack(s.id_fps),
+        scenarios=tuple(s.scenarios),
     )

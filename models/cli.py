@@ -1,4 +1,4 @@
-"""Model commands (train, eval, export). Torch is imported inside each command, never at module load."""
+"""Model commands (train, eval, export, explain-check, eval-scenarios). Torch is imported inside each command."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ def register(app: typer.Typer) -> None:
     app.command("train")(train_command)
     app.command("eval")(eval_command)
     app.command("export")(export_command)
+    app.command("explain-check")(explain_check_command)
+    app.command("eval-scenarios")(eval_scenarios_command)
 
 
 def train_command(
@@ -97,3 +99,37 @@ def export_command(
     typer.echo(f"model.onnx: {result.onnx_path} (version {result.metadata['model_version']}; onnx vs eager: {diffs})")
     typer.echo(f"production repository: {result.production}")
     typer.echo(f"CPU twin repository:   {result.twin}   (interest-stream triton --repo {result.twin})")
+
+
+def explain_check_command(
+    checkpoint: Path = typer.Option(Path("artifacts/model"), help="checkpoint dir written by `interest-stream train`"),
+    min_sessions: int = typer.Option(3, help="users with at least this many sessions in the encoded window"),
+) -> None:
+    """Do the explanation's session weights mean something? Masking and leave-one-session-out on the test users."""
+    from models.explain import masking_check
+
+    r = masking_check(str(checkpoint), min_sessions)
+    typer.echo(f"{r.users} users, {r.mean_sessions:.1f} sessions each in the window")
+    typer.echo(f"1 - cos after removing the top-weighted session {r.shift_top:.4f}, a random one {r.shift_random:.4f}, "
+               f"the lowest-weighted {r.shift_low:.4f}")  # fmt: skip
+    typer.echo(
+        f"RESULT shift_top={r.shift_top:.4f} shift_low={r.shift_low:.4f} shift_random={r.shift_random:.4f} "
+        f"top_beats_low={r.top_beats_low:.3f} spearman_vs_loso={r.spearman_vs_loso:.3f} "
+        f"top_is_loso_top={r.top_is_loso_top:.3f} top_is_latest={r.top_is_latest:.3f}"
+    )
+
+
+def eval_scenarios_command(
+    users: int = typer.Option(400, help="synthetic users with a planted per-scenario taste"),
+    seed: int = typer.Option(0),
+    max_epochs: int = typer.Option(40),
+) -> None:
+    """Scenario-aware interest on planted data: next-session Recall@20 asked about the session's scenario vs not."""
+    from models.scenarios import run
+
+    r = run(users, seed, max_epochs)
+    typer.echo(
+        f"RESULT recall20_asked={r.recall20_asked:.4f} recall20_general={r.recall20_general:.4f} "
+        f"recall20_wrong={r.recall20_wrong:.4f} planted_share_asked={r.planted_share_asked:.3f} "
+        f"planted_share_general={r.planted_share_general:.3f} users={r.users}"
+    )

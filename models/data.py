@@ -37,6 +37,7 @@ class Dataset:
     categories: list[str] = field(default_factory=list)
     item_categories: np.ndarray | None = None  # [len(vocab), len(categories)] float32 multi-hot
     data_hash: str = ""
+    scenarios: list[str] = field(default_factory=list)  # the scenarios events name (none in the shipped data)
 
 
 @dataclass
@@ -59,6 +60,7 @@ def prefix(state: UserState, n: int) -> UserState:
         values=state.values[:n],
         fps=state.fps[:n],
         starts=tuple(s for s in state.starts if s < n),
+        scenarios=state.scenarios[:n] if any(state.scenarios[:n]) else (),
         events_seen=n,
     )
 

@@ -34,7 +34,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 from core.encoding import INPUT_NAMES, PAD, EncoderConfig, Vocabulary, example_inputs
 
 MODEL_NAME = "interest_transformer"
-OUTPUT_NAMES = ("interest", "top_items", "top_scores", "category_scores")
+OUTPUT_NAMES = ("interest", "top_items", "top_scores", "category_scores", "event_weights")
+#: Only for a model that knows scenarios (`EncoderConfig.scenarios`): the same per scenario, [S, ...] per row.
+SCENARIO_OUTPUTS = ("scenario_interest", "scenario_top_items", "scenario_top_scores")
 OPSET = 17
 _SEEN_PENALTY = 1e4  # logits are bounded by the clamped logit scale (<= 100), so seen items rank below all unseen
 
@@ -54,18 +56,30 @@ class ServingModel(nn.Module):
             raise ValueError(f"k={k} must be in [1, {n_items - 2}] (items without PAD/OOV)")
         self.model, self.k, self.filter_seen = model, k, filter_seen
 
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return OUTPUT_NAMES + (SCENARIO_OUTPUTS if self.model.cfg.n_scenarios else ())
+
     def forward(
-        self, item_ids: Tensor, event_types: Tensor, session_pos: Tensor, time_gaps: Tensor
+        self, item_ids: Tensor, event_types: Tensor, session_pos: Tensor, time_gaps: Tensor, scenarios: Tensor
     ) -> tuple[Tensor, ...]:
-        interest = self.model(item_ids, event_types, session_pos, time_gaps)
+        interest, weights, per_scenario = self.model.serve(item_ids, event_types, session_pos, time_gaps, scenarios)
+        top_items, top_scores = self.top(interest, item_ids)
+        out = (interest, top_items, top_scores, self.model.category_scores(interest, item_ids), weights)
+        if not per_scenario:
+            return out
+        tops = [self.top(h, item_ids) for h in per_scenario]
+        stack = lambda ts: torch.stack(ts, 1)  # noqa: E731
+        return *out, stack(per_scenario), stack([t[0] for t in tops]), stack([t[1] for t in tops])
+
+    def top(self, interest: Tensor, item_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """The k best items (seen ones last with `filter_seen`) and their scores."""
         scores = self.model.item_scores(interest, item_ids)
         rank = scores
         if self.filter_seen:
-            seen = torch.zeros_like(scores).scatter(1, item_ids, 1.0)
-            rank = scores - _SEEN_PENALTY * seen
+            rank = scores - _SEEN_PENALTY * torch.zeros_like(scores).scatter(1, item_ids, 1.0)
         top_items = torch.topk(rank, self.k, dim=1).indices
-        top_scores = scores.gather(1, top_items)
-        return interest, top_items, top_scores, self.model.category_scores(interest, item_ids)
+        return top_items, scores.gather(1, top_items)
 
 
 @dataclass(frozen=True)
@@ -76,6 +90,7 @@ class ServingSpec:
     d_model: int
     k: int
     n_categories: int
+    n_scenarios: int = 0
     name: str = MODEL_NAME
     max_batch_size: int = 1024
     preferred_batch_sizes: tuple[int, ...] = (128, 512, 1024)
@@ -85,14 +100,20 @@ class ServingSpec:
         return [(n, "TYPE_INT64", [self.max_len]) for n in INPUT_NAMES]
 
     def outputs(self) -> list[tuple[str, str, list[int]]]:
+        s = self.n_scenarios
         dims = {
-            "interest": self.d_model,
-            "top_items": self.k,
-            "top_scores": self.k,
-            "category_scores": self.n_categories,
+            "interest": [self.d_model],
+            "top_items": [self.k],
+            "top_scores": [self.k],
+            "category_scores": [self.n_categories],
+            "event_weights": [self.max_len],
+            "scenario_interest": [s, self.d_model],
+            "scenario_top_items": [s, self.k],
+            "scenario_top_scores": [s, self.k],
         }
-        types = {"top_items": "TYPE_INT64"}
-        return [(n, types.get(n, "TYPE_FP32"), [dims[n]]) for n in OUTPUT_NAMES]
+        types = {"top_items": "TYPE_INT64", "scenario_top_items": "TYPE_INT64"}
+        names = OUTPUT_NAMES + (SCENARIO_OUTPUTS if s else ())
+        return [(n, types.get(n, "TYPE_FP32"), dims[n]) for n in names]
 
     def config(self, kind: Literal["production", "twin"], twin_threads: int = 0) -> mc.ModelConfig:
         """The config.pbtxt message: production runs the ONNX on GPUs, the twin runs our python model on CPU."""
@@ -120,9 +141,10 @@ def export_onnx(serving: ServingModel, path: Path | str, max_len: int, opset: in
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     serving = serving.eval()
-    n_items = serving.model.item_emb.num_embeddings
-    args = tuple(torch.from_numpy(v) for v in example_inputs(2, max_len, n_items).values())
+    n_items, n_scenarios = serving.model.item_emb.num_embeddings, serving.model.cfg.n_scenarios
+    args = tuple(torch.from_numpy(v) for v in example_inputs(2, max_len, n_items, n_scenarios=n_scenarios).values())
     batch = {0: "batch"}
+    outputs = serving.output_names
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
         torch.onnx.export(
@@ -130,8 +152,8 @@ def export_onnx(serving: ServingModel, path: Path | str, max_len: int, opset: in
             args,
             str(path),
             input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes={n: batch for n in (*INPUT_NAMES, *OUTPUT_NAMES)},
+            output_names=list(outputs),
+            dynamic_axes={n: batch for n in (*INPUT_NAMES, *outputs)},
             opset_version=opset,
             dynamo=False,
         )
@@ -150,20 +172,22 @@ def verify_onnx(
 ) -> dict[str, float]:
     """Largest ONNX-vs-eager difference per float output on random histories (and an empty one); raises above tol.
 
-    `interest` and `category_scores` are compared absolutely; `top_scores` relative to max(1, |logit|), because
-    trained logits reach ~100 where one float32 step is already ~1e-5.
+    Interests, weights and `category_scores` are compared absolutely; top scores relative to max(1, |logit|),
+    because trained logits reach ~100 where one float32 step is already ~1e-5.
     """
     import onnxruntime as ort
 
     model = model.eval().cpu()
-    x = example_inputs(batch, model.cfg.max_len, model.item_emb.num_embeddings, seed=1)
+    serving = ServingModel(model, k, filter_seen)
+    x = example_inputs(batch, model.cfg.max_len, model.item_emb.num_embeddings, 1, model.cfg.n_scenarios)
     x["item_ids"][0] = PAD  # cold start
-    ref = dict(zip(OUTPUT_NAMES, run_eager(ServingModel(model, k, filter_seen), x), strict=True))
+    names = serving.output_names
+    ref = dict(zip(names, run_eager(serving, x), strict=True))
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), x), strict=True))
-    err = {n: float(np.abs(ref[n] - got[n]).max()) for n in ("interest", "category_scores")}
-    scale = np.maximum(1.0, np.abs(ref["top_scores"]))
-    err["top_scores"] = float((np.abs(ref["top_scores"] - got["top_scores"]) / scale).max())
+    got = dict(zip(names, session.run(list(names), x), strict=True))
+    err = {n: float(np.abs(ref[n] - got[n]).max()) for n in names if "top_" not in n}
+    for n in (n for n in names if n.endswith("top_scores")):
+        err[n] = float((np.abs(ref[n] - got[n]) / np.maximum(1.0, np.abs(ref[n]))).max())
     bad = {n: e for n, e in err.items() if not e <= tol}
     if bad:
         raise RuntimeError(f"ONNX output differs from eager beyond {tol}: {bad}")
@@ -214,6 +238,7 @@ def export_repository(
         d_model=model.item_emb.embedding_dim,
         k=min(k, model.item_emb.num_embeddings - 2),
         n_categories=len(ckpt.categories),
+        n_scenarios=len(ckpt.encoder_config.scenarios),
         max_batch_size=max_batch_size,
         preferred_batch_sizes=tuple(b for b in preferred_batch_sizes if b <= max_batch_size),
         max_queue_delay_us=max_queue_delay_us,

@@ -47,10 +47,12 @@ class ModelConfig:
     item_bias: bool = True  # a learned per-item logit bias (popularity prior)
     knn_rank: int = 0  # columns of the in-graph item-kNN factors F (similarity = F F^T); 0 = no kNN scorer
     category_history: bool = True  # category logits also see the history's genre shares
+    n_scenarios: int = 0  # len(EncoderConfig.scenarios): the interest can be asked per known scenario
 
     @classmethod
     def for_encoder(cls, enc: EncoderConfig, n_items: int, **kw) -> ModelConfig:
-        return cls(n_items, max_len=enc.max_len, n_session_pos=enc.n_session_pos, n_time_gaps=enc.n_time_gaps, **kw)
+        sizes = {"n_session_pos": enc.n_session_pos, "n_time_gaps": enc.n_time_gaps, "n_scenarios": len(enc.scenarios)}
+        return cls(n_items, max_len=enc.max_len, **(sizes | kw))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,16 +71,34 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor, mask: Tensor, last_only: bool = False) -> Tensor:
-        """`mask`: additive [B, H|1, L, L] (bias; _NEG where not allowed). `last_only`: query the last position only."""
+    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, L, D = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        if last_only:
-            x, q, mask = x[:, -1:], q[:, :, -1:], mask[..., -1:, :]
+        qkv = self.qkv(self.ln1(x)).view(B, L, 3, self.n_heads, D // self.n_heads)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, D/H]
+
+    def forward(self, x: Tensor, mask: Tensor, query_add: Tensor | None = None) -> Tensor:
+        """Every position. `mask`: additive [B, H|1, L, L] (bias; _NEG where not allowed). `query_add` [B, L, d] is
+        added to each position's query side only (the asked-for scenario), never to what others attend to."""
+        B, L, D = x.shape
+        q, k, v = self._heads(x)
+        if query_add is not None:
+            x = x + query_add
+            q = self._heads(x)[0]
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, x.shape[1], D)))
+        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, L, D)))
         return x + self.drop(self.mlp(self.ln2(x)))
+
+    def readout(self, x: Tensor, mask: Tensor, query_add: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Inference at the last position only: its output [B, 1, d] and its attention over the positions [B, L]
+        (softmax weights, mean over heads; computed explicitly because SDPA does not return them)."""
+        B, D = x.shape[0], x.shape[2]
+        _, k, v = self._heads(x)
+        x = x[:, -1:] if query_add is None else x[:, -1:] + query_add
+        q = self._heads(x)[0]  # [B, H, 1, D/H]
+        att = (q @ k.transpose(-2, -1) * (D // self.n_heads) ** -0.5 + mask[..., -1:, :]).softmax(-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(B, 1, D))
+        return x + self.mlp(self.ln2(x)), att.mean(1)[:, 0]
 
 
 class Fusion(nn.Module):
@@ -123,6 +143,13 @@ class InterestTransformer(nn.Module):
         self.pos_emb = nn.Embedding(cfg.max_len, d)
         self.session_bias = nn.Embedding(cfg.max_session_dist + 1, cfg.n_heads)
         nn.init.zeros_(self.session_bias.weight)
+        # Scenarios: 0 pad, 1 none/unknown, 2.. known. `scenario_emb` tells where each event happened; `target_emb`
+        # is what a query asks about (0 = any scenario: the general interest). Both start at zero, so a model
+        # trained on data without scenarios is exactly the model without them.
+        self.scenario_emb = nn.Embedding(2 + cfg.n_scenarios, d, padding_idx=0)
+        self.target_emb = nn.Embedding(2 + cfg.n_scenarios, d)
+        nn.init.zeros_(self.scenario_emb.weight)
+        nn.init.zeros_(self.target_emb.weight)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(d)
@@ -153,14 +180,15 @@ class InterestTransformer(nn.Module):
         self.register_buffer("causal", torch.tril(torch.ones(cfg.max_len, cfg.max_len, dtype=torch.bool)), False)
         self.register_buffer("eye", torch.eye(cfg.max_len, dtype=torch.bool), persistent=False)
 
-    def sequence_interests(
-        self, item_ids: Tensor, event_types: Tensor, session_pos: Tensor, time_gaps: Tensor, last_only: bool = False
-    ) -> Tensor:
-        """[B, L, d] L2-normalized interest after every position (training); [B, 1, d] with `last_only`."""
+    def context(
+        self, item_ids: Tensor, event_types: Tensor, session_pos: Tensor, time_gaps: Tensor, scenarios: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The history through every block but the last: (ctx [B, L, d], attention mask, valid [B, L])."""
         cfg = self.cfg
         L = item_ids.shape[1]
         valid = item_ids != PAD
         x = self.item_emb(item_ids) + self.type_emb(event_types) + self.pos_emb.weight[-L:]
+        x = x + self.scenario_emb(scenarios)
         if cfg.use_time_gaps:
             x = x + self.gap_emb(time_gaps)
         x = self.drop(x * valid.unsqueeze(-1).to(x.dtype))
@@ -172,20 +200,68 @@ class InterestTransformer(nn.Module):
             mask = mask + self.session_bias(dist).permute(0, 3, 1, 2)  # [B,H,L,L]
         for block in self.blocks[:-1]:
             x = block(x, mask)
-        ctx = x
-        h = self.ln_f(self.blocks[-1](x, mask, last_only))
+        return x, mask, valid
+
+    def sequence_interests(
+        self,
+        item_ids: Tensor,
+        event_types: Tensor,
+        session_pos: Tensor,
+        time_gaps: Tensor,
+        scenarios: Tensor,
+        target_scenarios: Tensor | None = None,
+    ) -> Tensor:
+        """[B, L, d] L2-normalized interest after every position (training). `target_scenarios` [B, L]: the
+        scenario each position is asked about (0 = any)."""
+        ctx, mask, valid = self.context(item_ids, event_types, session_pos, time_gaps, scenarios)
+        ask = None if target_scenarios is None else self.target_emb(target_scenarios)
+        h = self.ln_f(self.blocks[-1](ctx, mask, ask))
         if self.fusion is not None:
             h = self.fusion(h, ctx, session_pos, valid)
         return F.normalize(h, dim=-1)
 
+    def readout(
+        self, ctx: Tensor, mask: Tensor, session_pos: Tensor, valid: Tensor, target: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Inference: the interest [B, d] at the last position (the cold vector for an empty history), asked about
+        scenario `target` [B] (None = any), and the readout's attention over the positions [B, L] (0 on padding)."""
+        ask = None if target is None else self.target_emb(target).unsqueeze(1)
+        h, att = self.blocks[-1].readout(ctx, mask, ask)
+        h = self.ln_f(h)
+        if self.fusion is not None:
+            h = self.fusion(h, ctx, session_pos, valid)
+        h = F.normalize(h[:, -1], dim=-1)
+        empty = ~valid[:, -1:]
+        return torch.where(empty, self.cold_interest().expand_as(h), h), att * valid.to(att.dtype)
+
     def cold_interest(self) -> Tensor:
         return F.normalize(self.cold, dim=-1)
 
-    def forward(self, item_ids: Tensor, event_types: Tensor, session_pos: Tensor, time_gaps: Tensor) -> Tensor:
+    def forward(
+        self,
+        item_ids: Tensor,
+        event_types: Tensor,
+        session_pos: Tensor,
+        time_gaps: Tensor,
+        scenarios: Tensor,
+        target_scenario: Tensor | None = None,
+    ) -> Tensor:
         """Interest [B, d], L2-normalized; the cold vector where the history is empty (last position is PAD)."""
-        h = self.sequence_interests(item_ids, event_types, session_pos, time_gaps, last_only=True)[:, -1]
-        empty = (item_ids[:, -1] == PAD).unsqueeze(-1)
-        return torch.where(empty, self.cold_interest().expand_as(h), h)
+        ctx, mask, valid = self.context(item_ids, event_types, session_pos, time_gaps, scenarios)
+        return self.readout(ctx, mask, session_pos, valid, target_scenario)[0]
+
+    def serve(
+        self, item_ids: Tensor, event_types: Tensor, session_pos: Tensor, time_gaps: Tensor, scenarios: Tensor
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """What serving needs in one pass: the interest, its attention per position (the explanation), and the
+        interest asked about each known scenario (the blocks before the last run once)."""
+        ctx, mask, valid = self.context(item_ids, event_types, session_pos, time_gaps, scenarios)
+        interest, weights = self.readout(ctx, mask, session_pos, valid)
+        per_scenario = [
+            self.readout(ctx, mask, session_pos, valid, torch.full_like(item_ids[:, 0], 2 + s))[0]
+            for s in range(self.cfg.n_scenarios)
+        ]
+        return interest, weights, per_scenario
 
     def scale(self) -> Tensor:
         return self.logit_scale.clamp(max=math.log(100.0)).exp()

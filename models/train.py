@@ -50,6 +50,7 @@ class TrainConfig:
     future_window: int = 10
     category_weight: float = 0.1
     category_window: int = 10  # the category head predicts the genre shares of this many next items
+    scenario_ask: float = 0.5  # data with scenarios: share of positions asked about their next event's scenario
     max_epochs: int = 200
     max_minutes: float = 8.0
     patience: int = 8  # epochs without a better validation NDCG@10
@@ -134,13 +135,16 @@ def loss_fn(model: InterestTransformer, x: dict[str, torch.Tensor], cfg: TrainCo
     """Next-item cross-entropy at every position (full softmax over the vocabulary, or sampled) plus
     `category_weight` x BCE of the category head against the genre shares of the next `category_window` items."""
     items = x["item_ids"]
-    h = model.sequence_interests(**x)  # h[:, t] has read events <= t and predicts event t + 1
+    ask, targets = None, items  # prev[:, t] (= h[:, t - 1]) predicts targets[:, t]
+    if model.cfg.n_scenarios:
+        ask, targets = scenario_targets(x["scenarios"], items, model.cfg.n_scenarios, cfg.scenario_ask)
+    h = model.sequence_interests(**x, target_scenarios=ask)  # h[:, t] has read events <= t, predicts event t + 1
     cold = model.cold_interest().expand(items.shape[0], 1, -1)
     prev = torch.cat([cold, h[:, :-1]], 1)
     first = F.pad(items[:, :-1], (1, 0), value=PAD) == PAD  # the window's first event: predicted by `cold`
     prev = torch.where(first.unsqueeze(-1), cold, prev)
-    valid = items > 1
-    u, tgt = prev[valid], items[valid]
+    valid = targets > 1
+    u, tgt = prev[valid], targets[valid]
     if cfg.n_negatives <= 0:  # full softmax: 9.7k items is cheap
         logits = model.item_logits(u) + model.item_mask
         loss = F.cross_entropy(logits, tgt, label_smoothing=cfg.label_smoothing)
@@ -160,6 +164,26 @@ def loss_fn(model: InterestTransformer, x: dict[str, torch.Tensor], cfg: TrainCo
     if cfg.category_weight > 0 and model.cfg.n_categories > 0:
         loss = loss + cfg.category_weight * category_loss(model, h, items, cfg.category_window)
     return loss
+
+
+def scenario_targets(
+    scenarios: torch.Tensor, items: torch.Tensor, n_scenarios: int, p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asking about a scenario: with probability `p` position t is asked about a random known scenario s and must
+    predict the user's next event *in s* (later than t, within the window); otherwise, or when there is none, it
+    is asked about any scenario (0) and predicts the next event. Returns (ask [B, L] for the positions, targets
+    [B, L] aligned like `items`: column t + 1 holds position t's target; column 0 is the cold start's)."""
+    B, L = items.shape
+    pos = torch.arange(L, device=items.device).expand(B, L)
+    pick = torch.randint(2, 2 + n_scenarios, (B, L), device=items.device)
+    after = torch.full_like(items, L)  # the first index j > t whose scenario is pick[t]
+    for s in range(2, 2 + n_scenarios):
+        at_or_after = torch.where(scenarios == s, pos, L).flip(1).cummin(1).values.flip(1)
+        after = torch.where(pick == s, F.pad(at_or_after[:, 1:], (0, 1), value=L), after)
+    asked = (torch.rand(B, L, device=items.device) < p) & (after < L) & (items != PAD)
+    j = torch.where(asked, after, (pos + 1).clamp(max=L - 1))
+    target = items.gather(1, j).masked_fill((pos == L - 1) & ~asked, PAD)
+    return torch.where(asked, pick, 0), torch.cat([items[:, :1], target[:, :-1]], 1)
 
 
 def future_loss(logits: torch.Tensor, items: torch.Tensor, valid: torch.Tensor, window: int) -> torch.Tensor:
@@ -198,7 +222,7 @@ def train(
     device = pick_device(cfg.device)
     ds = ds or load(cfg.dataset)
     sp = sp or split(ds)
-    enc = EncoderConfig(max_len=cfg.max_len)
+    enc = EncoderConfig(max_len=cfg.max_len, scenarios=tuple(ds.scenarios))
     flags = {k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads", "dropout")}
     flags |= {k: getattr(cfg, k) for k in ("use_session_pos", "use_time_gaps", "use_fusion", "item_bias")}
     flags |= {"knn_rank": min(cfg.knn_rank, len(sp.train)), "category_history": cfg.category_history}
@@ -325,13 +349,19 @@ def save(ckpt: Checkpoint, out: Path, history: dict[str, list[float]]) -> None:
     plot_curve(history, out / "train_curve.png")
 
 
+#: Parameters added after checkpoints were first saved; their zero init is exactly the model without them.
+NEWER_PARAMETERS = {"scenario_emb.weight", "target_emb.weight"}
+
+
 def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
     """A checkpoint directory (or its checkpoint.pt) -> the model in eval mode with everything to encode inputs."""
     path = Path(path)
     blob = torch.load(path / "checkpoint.pt" if path.is_dir() else path, map_location=device, weights_only=True)
     mcfg = ModelConfig(**blob["model_config"])
     model = InterestTransformer(mcfg)
-    model.load_state_dict(blob["state_dict"])
+    missing, unexpected = model.load_state_dict(blob["state_dict"], strict=False)
+    if unexpected or set(missing) - NEWER_PARAMETERS:
+        raise RuntimeError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
     return Checkpoint(
         model.to(device).eval(),
         mcfg,

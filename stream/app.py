@@ -28,7 +28,7 @@ import faust
 from faust.streams import _current_event, current_event
 from faust.types import EventT
 
-from core.schema import Event, Forget, Rejection, parse_event
+from core.schema import Event, Forget, Rejection, decode_record, encode_record, in_scenario, parse_event
 from core.sessions import Applied, Outcome, UserState, apply_events, decode_state, encode_state, forget_is_replay
 from stream import metrics
 from stream.inference import InterestModel
@@ -105,10 +105,17 @@ def create_app(settings: Settings, *, on_stage: Callable[[str, int], None] | Non
     @app.page("/users/{user_id}/interest")
     @app.table_route(table=user_interest, match_info="user_id")
     async def interest_view(web: faust.web.View, request: faust.web.Request, user_id: str) -> faust.web.Response:
+        """The latest record; `?scenario=app`: the interest and top items asked about that scenario."""
         value = user_interest.get(user_id.encode())
         if value is None:
             return web.json({"error": f"unknown user {user_id!r}"}, status=404)
-        return web.bytes(value, content_type="application/json")
+        if not (scenario := request.query.get("scenario")):
+            return web.bytes(value, content_type="application/json")
+        record = decode_record(value)
+        if scenario not in record.scenarios:
+            known = sorted(record.scenarios)
+            return web.json({"error": f"the model knows no scenario {scenario!r}", "scenarios": known}, status=404)
+        return web.bytes(encode_record(in_scenario(record, scenario)), content_type="application/json")
 
     @app.timer(interval=1.0)
     async def update_health() -> None:

@@ -23,16 +23,19 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from tritonclient.grpc import aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from core.encoding import INPUT_NAMES, EncoderConfig, Vocabulary, encode_batch
-from core.schema import InterestRecord, ModelRef, Scored, encode_record
+from core.encoding import INPUT_NAMES, EncoderConfig, Vocabulary, encode_batch, explain_sessions
+from core.schema import InterestRecord, ModelRef, ScenarioInterest, Scored, SessionWeight, encode_record
 from core.sessions import UserState
 from stream import metrics
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
 
-OUTPUT_NAMES = ("interest", "top_items", "top_scores", "category_scores")
+OUTPUT_NAMES = ("interest", "top_items", "top_scores", "category_scores", "event_weights")
+#: Only from a model that knows scenarios (`EncoderConfig.scenarios`); models/export.py declares the same names.
+SCENARIO_OUTPUTS = ("scenario_interest", "scenario_top_items", "scenario_top_scores")
 TOP_CATEGORIES = 5
+EXPLAINED_SESSIONS = 3  # the heaviest sessions a record lists
 _NUMPY_TO_TRITON = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
 
 
@@ -54,6 +57,10 @@ class ModelBundle:
     categories: list[str]
     encoder: EncoderConfig
     metadata: dict[str, Any]
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return OUTPUT_NAMES + (SCENARIO_OUTPUTS if self.encoder.scenarios else ())
 
     @classmethod
     def load(cls, model_dir: Path) -> ModelBundle:
@@ -148,7 +155,8 @@ class InterestClient:
         for lo in range(0, n, self.max_batch_size):
             chunk = {k: v[lo : lo + self.max_batch_size] for k, v in inputs.items()}
             parts.append(await self._infer_retrying(chunk))
-        return {k: np.concatenate([p[k] for p in parts]) for k in OUTPUT_NAMES} if len(parts) > 1 else parts[0]
+        names = self.bundle.output_names
+        return {k: np.concatenate([p[k] for p in parts]) for k in names} if len(parts) > 1 else parts[0]
 
     async def _infer_retrying(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         retrying = AsyncRetrying(
@@ -171,7 +179,7 @@ class InterestClient:
             item = grpcclient.InferInput(name, list(arr.shape), _NUMPY_TO_TRITON[arr.dtype])
             item.set_data_from_numpy(arr)
             request.append(item)
-        wanted = [grpcclient.InferRequestedOutput(n) for n in OUTPUT_NAMES]
+        wanted = [grpcclient.InferRequestedOutput(n) for n in self.bundle.output_names]
         started = time.perf_counter()
         try:
             result = await self._client.infer(
@@ -192,7 +200,7 @@ class InterestClient:
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(inputs[INPUT_NAMES[0]]))
         self.breaker.success()
-        return {n: result.as_numpy(n) for n in OUTPUT_NAMES}
+        return {n: result.as_numpy(n) for n in self.bundle.output_names}
 
 
 def interface_problems(model_metadata: dict[str, Any], bundle: ModelBundle) -> list[str]:
@@ -207,7 +215,7 @@ def interface_problems(model_metadata: dict[str, Any], bundle: ModelBundle) -> l
         if t and (t["datatype"] != "INT64" or [int(d) for d in t["shape"]][1:] != [bundle.encoder.max_len]):
             problems.append(f"input {name}: {t['datatype']}{t['shape']} != INT64[-1, {bundle.encoder.max_len}]")
     expected_out = {o["name"]: o for o in bundle.metadata.get("outputs", [])}
-    for name in OUTPUT_NAMES:
+    for name in bundle.output_names:
         t, want = served_out.get(name), expected_out.get(name)
         if t is None:
             problems.append(f"output {name} missing")
@@ -254,8 +262,11 @@ def build_records(
     cat_scores = outputs["category_scores"].astype(np.float32)
     top_cats = np.argsort(-cat_scores, axis=1, kind="stable")[:, :TOP_CATEGORIES].tolist()
     names, vocab = bundle.categories, bundle.vocab
+    weights = outputs["event_weights"]
+    scenarios = _scenario_interests(outputs, bundle)
     records = []
     for i, (user, state) in enumerate(zip(users, states, strict=True)):
+        explained = explain_sessions(state, weights[i], bundle.encoder, EXPLAINED_SESSIONS)
         records.append(
             InterestRecord(
                 user_id=user,
@@ -269,6 +280,23 @@ def build_records(
                 last_event_ms=state.ts[-1] if state.ts else 0,
                 model=model,
                 computed_at_ms=now,
+                explanation=[SessionWeight(a, b, n, round(w, 4), items) for a, b, n, w, items in explained],
+                scenarios=scenarios[i],
             )
         )
     return records
+
+
+def _scenario_interests(outputs: dict[str, np.ndarray], bundle: ModelBundle) -> list[dict[str, ScenarioInterest]]:
+    """Per row, the interest and top items asked about each scenario the model knows ({} when it knows none)."""
+    names = bundle.encoder.scenarios
+    if not names:
+        return [{} for _ in range(len(outputs["interest"]))]
+    vectors = outputs["scenario_interest"].astype(np.float32).tolist()
+    items, scores = outputs["scenario_top_items"].tolist(), outputs["scenario_top_scores"].astype(np.float32).tolist()
+
+    def top(i: int, s: int) -> list[Scored]:
+        return [Scored(bundle.vocab.item(x) or "", v) for x, v in zip(items[i][s], scores[i][s], strict=True)]
+
+    rows = range(len(vectors))
+    return [{name: ScenarioInterest(vectors[i][s], top(i, s)) for s, name in enumerate(names)} for i in rows]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core.encoding import INPUT_NAMES, OOV, PAD
-from models.export import OUTPUT_NAMES, ServingModel, read_config, run_eager
+from models.export import OUTPUT_NAMES, SCENARIO_OUTPUTS, ServingModel, read_config, run_eager
 from tests.fixtures.triton import TINY_ITEMS
 
 TOL = 1e-5
@@ -27,6 +27,7 @@ def every_length(max_len: int, seed: int = 0) -> dict[str, np.ndarray]:
         x["event_types"][n, -n:] = rng.integers(1, 6, n)
         x["session_pos"][n, -n:] = np.minimum((np.arange(n)[:, None] < cuts[None, :]).sum(1), 63)
         x["time_gaps"][n, -n:] = np.r_[1, rng.integers(2, 13, n - 1)]
+        x["scenarios"][n, -n:] = rng.integers(1, 4, n)  # none, app, tv (the tiny model knows two)
     return x
 
 
@@ -39,12 +40,17 @@ def test_onnx_equals_eager_for_every_length_and_empty(tiny_checkpoint, tiny_expo
     k = tiny_export.metadata["top_k"]
     x = every_length(tiny_checkpoint.encoder_config.max_len)
     serving = ServingModel(tiny_checkpoint.model, k, filter_seen=True)
-    ref = dict(zip(OUTPUT_NAMES, run_eager(serving, x), strict=True))
-    got = dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), x), strict=True))
+    names = serving.output_names
+    assert names == (*OUTPUT_NAMES, *SCENARIO_OUTPUTS)
+    ref = dict(zip(names, run_eager(serving, x), strict=True))
+    got = dict(zip(names, session.run(list(names), x), strict=True))
 
-    for name in ("interest", "category_scores", "top_scores"):
+    for name in ("interest", "category_scores", "event_weights", "scenario_interest"):
         assert got[name].dtype == np.float32 and np.isfinite(got[name]).all(), name
         np.testing.assert_allclose(got[name], ref[name], rtol=0, atol=TOL, err_msg=name)
+    for name in ("top_scores", "scenario_top_scores"):  # logits reach ~30: one float32 step is ~2e-6 there
+        np.testing.assert_allclose(got[name], ref[name], rtol=TOL, atol=TOL, err_msg=name)
+    np.testing.assert_array_equal(got["scenario_top_items"].shape, (len(x["item_ids"]), 2, k))
     # Top-k: equal indices, up to order among scores tied within TOL (ranked by eager's own scores).
     args = [torch.from_numpy(x[n]) for n in INPUT_NAMES]
     full = serving.model.item_scores(serving.model(*args), args[0]).detach().numpy()
@@ -82,7 +88,8 @@ def test_production_and_twin_configs_declare_the_same_model(tiny_export) -> None
     assert [g.kind for g in prod.instance_group] == [prod.instance_group[0].KIND_GPU]
     assert twin.backend == "python" and [g.kind for g in twin.instance_group] == [twin.instance_group[0].KIND_CPU]
     assert list(prod.dynamic_batching.preferred_batch_size) and prod.dynamic_batching.max_queue_delay_microseconds > 0
-    assert [i.name for i in prod.input] == list(INPUT_NAMES) and [o.name for o in prod.output] == list(OUTPUT_NAMES)
+    assert [i.name for i in prod.input] == list(INPUT_NAMES)
+    assert [o.name for o in prod.output] == [*OUTPUT_NAMES, *SCENARIO_OUTPUTS]
 
 
 def test_config_dims_match_the_onnx_graph(tiny_export, session) -> None:
@@ -103,7 +110,8 @@ def test_repositories_carry_vocab_categories_and_metadata(tiny_checkpoint, tiny_
         assert meta["model_version"] == "tiny-test" and meta["data_hash"] == "none"
         assert meta["eval_metrics"] == {"ndcg10": 0.0}
         assert [i["name"] for i in meta["inputs"]] == list(INPUT_NAMES)
-        assert [o["dims"] for o in meta["outputs"]] == [[16], [20], [20], [5]]
+        assert [o["dims"] for o in meta["outputs"]] == [[16], [20], [20], [5], [200], [2, 16], [2, 20], [2, 20]]
+        assert meta["encoder_config"]["scenarios"] == ["app", "tv"]
     assert (tiny_export.twin / "interest_transformer" / "1" / "model.py").exists()
     assert not (tiny_export.production / "interest_transformer" / "1" / "model.py").exists()
 
@@ -164,10 +172,13 @@ def test_onnx_equals_eager_with_knn_item_bias_and_genre_shares(tmp_path) -> None
     big = [t.dims for t in onnx.load(str(path)).graph.initializer if np.prod(t.dims) == TINY_ITEMS * 8]
     assert big == [[TINY_ITEMS, 8]], big  # no folded transposed or squared copy of the factors
     x = every_length(enc.max_len, seed=2)
+    x["scenarios"] = np.minimum(x["scenarios"], 1)  # this model knows no scenario: all encode as none
+    assert serving.output_names == OUTPUT_NAMES
     ref = dict(zip(OUTPUT_NAMES, run_eager(serving, x), strict=True))
     got = dict(zip(OUTPUT_NAMES, ort.InferenceSession(str(path)).run(list(OUTPUT_NAMES), x), strict=True))
-    for name in ("interest", "category_scores", "top_scores"):
+    for name in ("interest", "category_scores", "event_weights"):
         np.testing.assert_allclose(got[name], ref[name], rtol=0, atol=TOL, err_msg=name)
+    np.testing.assert_allclose(got["top_scores"], ref["top_scores"], rtol=TOL, atol=TOL)
     assert (got["top_items"] == ref["top_items"]).all(1).mean() > 0.95
     args = [torch.from_numpy(x[n]) for n in INPUT_NAMES]
     with torch.no_grad():

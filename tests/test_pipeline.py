@@ -51,8 +51,8 @@ def assert_parity(settings: Settings, export: Any, events: list[Event]) -> dict[
     recognised by their input offset); per-user seq never goes back and skips none."""
     import onnxruntime as ort
 
-    from core.encoding import encode_batch
-    from stream.inference import ModelBundle
+    from core.encoding import encode_batch, explain_sessions
+    from stream.inference import EXPLAINED_SESSIONS, ModelBundle
 
     records = read_topic(settings, settings.topic_output)
     seqs: dict[str, list[int]] = {}
@@ -73,8 +73,8 @@ def assert_parity(settings: Settings, export: Any, events: list[Event]) -> dict[
     users = sorted(histories)
     states = [state_from_events(histories[u], settings.session_config()) for u in users]
     session = ort.InferenceSession(str(export.onnx_path), providers=["CPUExecutionProvider"])
-    want = dict(zip(("interest", "top_items", "top_scores", "category_scores"),
-                    session.run(None, encode_batch(states, bundle.vocab, bundle.encoder)), strict=True))  # fmt: skip
+    names = [o.name for o in session.get_outputs()]
+    want = dict(zip(names, session.run(names, encode_batch(states, bundle.vocab, bundle.encoder)), strict=True))
     for i, user in enumerate(users):
         rec, state = last[user], states[i]
         assert rec.last_event_ms == state.ts[-1] and rec.sessions == len(state.starts)
@@ -92,6 +92,11 @@ def assert_parity(settings: Settings, export: Any, events: list[Event]) -> dict[
         ref_cats = dict(zip(bundle.categories, want["category_scores"][i].tolist(), strict=True))
         assert all(abs(cats[c] - ref_cats[c]) < 1e-4 for c in cats)
         assert min(cats.values()) >= sorted(ref_cats.values())[-len(cats)] - 1e-4, "top categories are the best"
+        explained = explain_sessions(state, want["event_weights"][i], bundle.encoder, EXPLAINED_SESSIONS)
+        assert [(e.session_start_ms, e.session_end_ms, e.events) for e in rec.explanation] == [
+            x[:3] for x in explained
+        ], f"user {user}: explanation"
+        np.testing.assert_allclose([e.weight for e in rec.explanation], [x[3] for x in explained], atol=1e-3)
     return seqs
 
 

@@ -17,10 +17,12 @@ import tritonclient.grpc as grpcclient
 
 from core.encoding import example_inputs
 from local.triton import LocalTriton
-from models.export import OUTPUT_NAMES
+from models.export import OUTPUT_NAMES, SCENARIO_OUTPUTS
 from tests.fixtures.triton import TINY_ITEMS
 
 pytestmark = pytest.mark.triton
+
+SERVED = (*OUTPUT_NAMES, *SCENARIO_OUTPUTS)  # the tiny model knows two scenarios
 
 
 def infer(client: grpcclient.InferenceServerClient, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -29,20 +31,20 @@ def infer(client: grpcclient.InferenceServerClient, x: dict[str, np.ndarray]) ->
         t = grpcclient.InferInput(name, list(value.shape), "INT64")
         t.set_data_from_numpy(value)
         inputs.append(t)
-    outputs = [grpcclient.InferRequestedOutput(n) for n in OUTPUT_NAMES]
+    outputs = [grpcclient.InferRequestedOutput(n) for n in SERVED]
     result = client.infer("interest_transformer", inputs, outputs=outputs)
-    return {n: result.as_numpy(n) for n in OUTPUT_NAMES}
+    return {n: result.as_numpy(n) for n in SERVED}
 
 
 def test_twin_returns_what_onnxruntime_returns(triton_twin, tiny_export) -> None:
     session = ort.InferenceSession(str(tiny_export.onnx_path), providers=["CPUExecutionProvider"])
     client = grpcclient.InferenceServerClient(triton_twin.grpc_url)
     for batch in (1, 7, 256):
-        x = example_inputs(batch, 200, TINY_ITEMS, seed=batch)
+        x = example_inputs(batch, 200, TINY_ITEMS, seed=batch, n_scenarios=2)
         x["item_ids"][0] = 0  # an empty history too
-        want = dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), x), strict=True))
+        want = dict(zip(SERVED, session.run(list(SERVED), x), strict=True))
         got = infer(client, x)
-        for name in OUTPUT_NAMES:
+        for name in SERVED:
             assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape, name
             np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, err_msg=name)
 
@@ -50,7 +52,7 @@ def test_twin_returns_what_onnxruntime_returns(triton_twin, tiny_export) -> None
 def test_concurrent_requests_are_batched_and_split_back_in_order(triton_twin, tiny_export) -> None:
     """Dynamic batching hands the python model several requests at once; each caller gets its own rows."""
     session = ort.InferenceSession(str(tiny_export.onnx_path), providers=["CPUExecutionProvider"])
-    xs = [example_inputs(b, 200, TINY_ITEMS, seed=100 + i) for i, b in enumerate((3, 1, 16, 5, 32, 2, 9, 4))]
+    xs = [example_inputs(b, 200, TINY_ITEMS, 100 + i, n_scenarios=2) for i, b in enumerate((3, 1, 16, 5, 32, 2, 9, 4))]
     stats = grpcclient.InferenceServerClient(triton_twin.grpc_url)
     before = executions(stats)
     with ThreadPoolExecutor(len(xs)) as pool:
@@ -63,8 +65,8 @@ def test_concurrent_requests_are_batched_and_split_back_in_order(triton_twin, ti
     requests, runs = delta
     assert requests == len(xs) and runs < requests, f"{requests} requests ran as {runs} executions: none batched"
     for x, got in zip(xs, results, strict=True):
-        want = session.run(list(OUTPUT_NAMES), x)
-        for name, w in zip(OUTPUT_NAMES, want, strict=True):
+        want = session.run(list(SERVED), x)
+        for name, w in zip(SERVED, want, strict=True):
             np.testing.assert_allclose(got[name], w, atol=1e-6, err_msg=name)
 
 
@@ -79,9 +81,9 @@ def test_model_metadata_over_grpc_matches_the_config(triton_twin) -> None:
     client = grpcclient.InferenceServerClient(triton_twin.grpc_url)
     meta = client.get_model_metadata("interest_transformer", as_json=True)
     assert [(i["name"], i["datatype"], i["shape"]) for i in meta["inputs"]] == [
-        (n, "INT64", ["-1", "200"]) for n in ("item_ids", "event_types", "session_pos", "time_gaps")
+        (n, "INT64", ["-1", "200"]) for n in ("item_ids", "event_types", "session_pos", "time_gaps", "scenarios")
     ]
-    assert [o["name"] for o in meta["outputs"]] == list(OUTPUT_NAMES)
+    assert [o["name"] for o in meta["outputs"]] == list(SERVED)
 
 
 def _http_status(url: str) -> int | None:
