@@ -8,6 +8,10 @@ without leaking how many sessions follow:
 * an optional fusion: each position attends over mean-pooled summaries of the sessions *before its own*
   (long-term interest) and a gate mixes that into its current (short-term) state.
 
+Events also carry a scenario (where they happened) and a query can ask about one (`target_emb`, on the query
+side of the last block): the interest "as if the next event happened on tv" (docs/model.md). The readout's
+attention over the history is returned too: the explanation of which sessions drove the vector.
+
 The interest vector is the L2-normalized output at the last position. An all-padding row (cold start) returns
 the learned, L2-normalized `cold` vector, trained as the predictor of every history's first item, so it
 behaves like a popularity prior. Scores use the item embeddings (tied). Forward has no data-dependent Python
