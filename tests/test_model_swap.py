@@ -84,6 +84,7 @@ class FakeTriton:
         self.ready: list[str] = []
         self.bad: dict[str, list[str]] = {}
         self.bundles: dict[str, ModelBundle] = {}
+        self.max_batch_size = 1024
 
     async def list_ready(self) -> list[str]:
         return list(self.ready)
@@ -92,7 +93,7 @@ class FakeTriton:
         if version in self.bad:
             return self.bad[version]
         bundle = self.bundles.setdefault(version, fake_bundle(tag=f"tag{version}"))
-        return Pinned(version, bundle, 1024)
+        return Pinned(version, bundle, self.max_batch_size)
 
 
 def gauge(version: str) -> float | None:
@@ -143,6 +144,41 @@ def test_a_pinned_triton_model_version_is_the_only_candidate() -> None:
     triton.ready = ["1", "2"]
     tracker = VersionTracker(MODEL, triton.list_ready, triton.check, poll_s=5.0, only="1")
     assert asyncio.run(tracker.refresh()).version == "1"  # type: ignore[union-attr]
+
+
+def test_a_version_gone_mid_batch_redoes_the_whole_batch_on_the_next_one() -> None:
+    """A batch above max_batch_size is split; when the second request finds its version unloaded, the chunk that
+    version 1 already answered is dropped and the whole batch is sent again to version 2: no record from a mix."""
+    from stream.inference import InterestClient, VersionGone
+
+    triton, calls = FakeTriton(), []
+    triton.ready, triton.max_batch_size = ["1"], 3  # five users are two requests
+    settings = Settings(_env_file=None, triton_url="127.0.0.1:1", model_poll_s=60)
+    users = [f"u{i}" for i in range(5)]
+    states = [UserState()] * 5
+
+    async def infer_once(inputs: dict[str, np.ndarray], version: str) -> dict[str, np.ndarray]:
+        n = len(inputs["item_ids"])
+        calls.append((version, n))
+        if version == "1" and len(calls) == 2:
+            triton.ready = ["2"]  # unloaded between the two requests of the batch
+            raise VersionGone("version 1: not at ready state")
+        shapes = {"interest": (n, 16), "top_items": (n, 20), "top_scores": (n, 20), "category_scores": (n, 5)}
+        return {k: np.zeros(v, np.int64 if k == "top_items" else np.float32) for k, v in shapes.items()}
+
+    async def run() -> list[InterestRecord]:
+        model = InterestModel(settings)
+        model.versions = VersionTracker(MODEL, triton.list_ready, triton.check, poll_s=60)
+        model.client = InterestClient(settings)
+        model.client._infer_once = infer_once  # type: ignore[method-assign]
+        try:
+            return [decode_record(r) for r in await model.records(users, states)]
+        finally:
+            await model.close()
+
+    records = asyncio.run(run())
+    assert calls == [("1", 3), ("1", 2), ("2", 3), ("2", 2)]
+    assert {r.model.triton_version for r in records} == {"2"} and len(records) == 5
 
 
 # --- Export: versions side by side ---------------------------------------------------------------------------
