@@ -73,7 +73,7 @@ def create_app(settings: Settings, *, on_stage: Callable[[str, int], None] | Non
     user_state = app.Table(STATE_TABLE, partitions=settings.topic_partitions, key_type=bytes, value_type=bytes)
     user_interest = app.Table(INTEREST_TABLE, partitions=settings.topic_partitions, key_type=bytes, value_type=bytes)
 
-    model = InterestModel.load(settings) if settings.triton_url else None
+    model = InterestModel(settings) if settings.triton_url else None
     if model is None:
         log.warning("TRITON_URL is empty: ingest only (state is kept, no interest is published)")
     tables = FaustTables(user_state, user_interest)

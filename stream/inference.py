@@ -30,7 +30,7 @@ from core.schema import InterestRecord, ModelRef, Scored, encode_record
 from core.sessions import UserState
 from stream import metrics
 from stream.settings import Settings
-from stream.versions import Pinned, VersionTracker
+from stream.versions import STALL_RETRY_S, Pinned, VersionTracker
 
 log = logging.getLogger(__name__)
 
@@ -277,10 +277,6 @@ class InterestModel:
         )
         self._bundles: dict[str, tuple[tuple[object, ...], ModelBundle]] = {}  # version -> (files' stamp, bundle)
 
-    @classmethod
-    def load(cls, settings: Settings) -> InterestModel:
-        return cls(settings)
-
     @property
     def breaker_open(self) -> bool:
         return self.client is not None and self.client.breaker.is_open
@@ -343,15 +339,17 @@ class InterestModel:
     async def records(self, users: list[str], states: list[UserState]) -> list[bytes]:
         """One record per user, all computed by one version: if it vanishes mid-batch, the whole batch is
         redone on the version used next (never a mix of two)."""
-        client = self._connected()
+        client, gone = self._connected(), ""
         while True:
             pinned = await self.versions.for_batch()
+            if pinned.version == gone:  # Triton still lists the version it just refused: do not spin
+                await asyncio.sleep(STALL_RETRY_S)
             bundle = pinned.bundle
             try:
                 outputs = await client.infer(encode_batch(states, bundle.vocab, bundle.encoder), pinned)
             except VersionGone as exc:
                 log.warning("%s; redoing the batch of %d users", exc, len(users))
-                self.versions.drop(pinned.version)
+                self.versions.drop(gone := pinned.version)
                 continue
             return [encode_record(r) for r in build_records(users, states, outputs, bundle, pinned.version)]
 
