@@ -204,7 +204,8 @@ class Scored(msgspec.Struct, array_like=False):
 
 class ModelRef(msgspec.Struct):
     name: str
-    version: str
+    version: str  # the model's own version name (data and weights), from its metadata.json
+    triton_version: str = ""  # the served version (Triton's version directory) that computed the record
 
 
 class SessionWeight(msgspec.Struct):

@@ -112,10 +112,17 @@ def triton(
     metrics_port: int | None = typer.Option(None, help="Prometheus metrics port on 127.0.0.1 (default: a free one)"),
     log_file: Path | None = typer.Option(None, help="server log (default: .local/triton/logs/)"),
     log_verbose: int = typer.Option(0, help="tritonserver --log-verbose level"),
+    model_control: str = typer.Option(
+        "explicit",
+        help="explicit: a new version directory is served once POST <http>/v2/repository/models/<m>/load "
+        "asks for it (as in production); none: the repository as it was at start-up",
+    ),
 ) -> None:
     """Serve a model repository with the local tritonserver (nvidia-pytriton) until SIGTERM or Ctrl-C."""
     from local.triton import LocalTriton
 
+    if model_control not in ("explicit", "none"):
+        raise typer.BadParameter("explicit or none", param_hint="--model-control")
     server = LocalTriton(
         repo,
         http_port=http_port,
@@ -123,6 +130,7 @@ def triton(
         metrics_port=metrics_port,
         log_file=log_file,
         log_verbose=log_verbose,
+        model_control=model_control,  # type: ignore[arg-type]
     ).start()
     typer.echo(f"models   {', '.join(server.models)} READY")
     typer.echo(f"log      {server.log_file}")
@@ -130,6 +138,8 @@ def triton(
     typer.echo(f"http     {server.http_url}")
     typer.echo(f"metrics  {server.metrics_url}")
     typer.echo(f"grpc     {server.grpc_url}")
+    if model_control == "explicit":
+        typer.echo(f"load     curl -X POST {server.http_url}/v2/repository/models/<model>/load   (a new version)")
     sys.stdout.flush()
     code = server.serve_forever()
     typer.echo(f"tritonserver stopped (exit code {code})")

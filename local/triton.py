@@ -6,6 +6,8 @@ pytriton and Python version) under `.local/triton/`, the way pytriton itself doe
 *this* interpreter, so its libpython dir must come first in LD_LIBRARY_PATH and this venv's `bin` first in PATH
 (that is how the stub finds numpy and onnxruntime). The server binds to 127.0.0.1 only, on given or free ports, and
 is started and stopped by PID: SIGTERM (Triton drains in-flight requests, then exits), SIGKILL after a timeout.
+`model_control="explicit"` runs Triton's explicit model control (`--load-model` per model at start-up): a new
+version directory is picked up only when `load_model()` asks for it, as in production (docs/operations.md).
 
     with LocalTriton("artifacts/model_repository-twin") as triton:
         client = tritonclient.grpc.InferenceServerClient(triton.grpc_url)
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 from local.process import ProcessError, Supervised, free_port
 
@@ -117,6 +120,7 @@ class LocalTriton:
         log_verbose: int = 0,
         ready_timeout_s: float = 120.0,
         die_with_parent: bool = True,
+        model_control: Literal["none", "explicit"] = "none",
     ) -> None:
         self.repo = Path(repo).resolve()
         if not self.repo.is_dir():
@@ -129,6 +133,7 @@ class LocalTriton:
         self.log_verbose = log_verbose
         self.ready_timeout_s = ready_timeout_s
         self.die_with_parent = die_with_parent
+        self.model_control = model_control
         self._proc: Supervised | None = None
 
     # --- endpoints
@@ -196,6 +201,8 @@ class LocalTriton:
             f"--backend-config=python,shm-region-prefix-name=istream_{os.getpid()}_{self.grpc_port}_",
             f"--log-verbose={self.log_verbose}",
             "--exit-timeout-secs=10",
+            f"--model-control-mode={self.model_control}",
+            *(f"--load-model={m}" for m in (self.models if self.model_control == "explicit" else ())),
         ]
         self.log_file.unlink(missing_ok=True)  # one log per run: start() reads it for "address already in use"
         self._proc = Supervised(
@@ -210,6 +217,32 @@ class LocalTriton:
             self._proc.wait_until(ready, self.ready_timeout_s, f"ready ({self.models})")
         except ProcessError as exc:
             raise RuntimeError(str(exc).split("; log ")[0]) from exc
+
+    def load_model(self, name: str, timeout_s: float = 120.0) -> None:
+        """Explicit model control: (re)load `name` from the repository; returns once Triton says it is loaded.
+
+        Triton loads the versions the model's version policy selects and keeps serving the loaded ones meanwhile;
+        a failed load leaves them as they were and raises here with Triton's reason."""
+        self._repository_call(f"models/{name}/load", timeout_s)
+
+    def unload_model(self, name: str, timeout_s: float = 60.0) -> None:
+        """Explicit model control: unload every version of `name` (in-flight requests finish first)."""
+        self._repository_call(f"models/{name}/unload", timeout_s)
+
+    def repository_index(self) -> list[dict[str, str]]:
+        """Triton's repository index: one entry per model (and loaded version) with its state."""
+        request = urllib.request.Request(f"{self.http_url}/v2/repository/index", data=b"{}", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def _repository_call(self, path: str, timeout_s: float) -> None:
+        request = urllib.request.Request(f"{self.http_url}/v2/repository/{path}", data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s):
+                return
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            raise RuntimeError(f"tritonserver {path}: HTTP {exc.code} {detail}") from exc
 
     def is_alive(self) -> bool:
         return self._proc is not None and self._proc.alive

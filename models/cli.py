@@ -71,6 +71,7 @@ def export_command(
     checkpoint: Path = typer.Option(Path("artifacts/model"), help="checkpoint dir written by `interest-stream train`"),
     out: Path = typer.Option(Path("artifacts/model_repository"), help="production Triton model repository"),
     twin: Path | None = typer.Option(None, help="CPU twin repository (python backend) [default: <out>-twin]"),
+    version: int = typer.Option(1, help="Triton version directory to write; other versions are kept"),
     k: int = typer.Option(20, help="top items returned per user"),
     filter_seen: bool = typer.Option(True, help="rank items already in the history after all unseen items"),
     max_batch_size: int = typer.Option(1024, help="Triton max_batch_size (both repositories)"),
@@ -87,6 +88,7 @@ def export_command(
         ckpt,
         out,
         twin,
+        version=version,
         k=k,
         filter_seen=filter_seen,
         max_batch_size=max_batch_size,
@@ -96,7 +98,8 @@ def export_command(
     )
     err = verify_onnx(ckpt.model, result.onnx_path, k=result.metadata["top_k"], filter_seen=filter_seen)
     diffs = ", ".join(f"{name} {e:.1e}" for name, e in err.items())
-    typer.echo(f"model.onnx: {result.onnx_path} (version {result.metadata['model_version']}; onnx vs eager: {diffs})")
+    name = result.metadata["model_version"]
+    typer.echo(f"model.onnx: {result.onnx_path} (version {version}: {name}; onnx vs eager: {diffs})")
     typer.echo(f"production repository: {result.production}")
     typer.echo(f"CPU twin repository:   {result.twin}   (interest-stream triton --repo {result.twin})")
 

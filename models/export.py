@@ -6,7 +6,12 @@ from one `ServingSpec`, so the twin cannot drift from production; they differ on
 
     DIR/interest_transformer/            platform onnxruntime_onnx, KIND_GPU          (production)
     DIR-twin/interest_transformer/       backend python: onnxruntime on CPU            (local tritonserver)
-        config.pbtxt  1/model.onnx  [1/model.py]  vocab.json  categories.json  metadata.json
+        config.pbtxt  vocab.json  categories.json  metadata.json     (the newest version's bundle, as before)
+        <N>/model.onnx  [<N>/model.py]  <N>/vocab.json  <N>/categories.json  <N>/metadata.json
+
+Versions are numbered directories of one Triton model (`export_repository(..., version=N)`): the worker reads the
+bundle of the version it uses from `<N>/`, so a new version may bring a new vocabulary. Adding a version keeps the
+others and the config (a different interface is a new model, not a new version: refused).
 
 Exporter: the TorchScript ("legacy") exporter. With torch 2.13 the dynamo exporter fails while decomposing the
 attention (`Cannot view a tensor with shape [s, 200, 2, 8] and strides (3200, 8, 1600, 1)`: the decomposed
@@ -95,6 +100,9 @@ class ServingSpec:
     max_batch_size: int = 1024
     preferred_batch_sizes: tuple[int, ...] = (128, 512, 1024)
     max_queue_delay_us: int = 2000
+    # Versions Triton keeps loaded (the newest N): 2, so a worker that refuses a new version keeps the one it uses
+    # until the operator unloads it (docs/operations.md, "Rolling out a new model version").
+    versions_served: int = 2
 
     def inputs(self) -> list[tuple[str, str, list[int]]]:
         return [(n, "TYPE_INT64", [self.max_len]) for n in INPUT_NAMES]
@@ -124,6 +132,7 @@ class ServingSpec:
             c.output.add(name=name, data_type=mc.DataType.Value(dtype), dims=dims)
         c.dynamic_batching.preferred_batch_size.extend(self.preferred_batch_sizes)
         c.dynamic_batching.max_queue_delay_microseconds = self.max_queue_delay_us
+        c.version_policy.latest.num_versions = self.versions_served
         if kind == "production":
             c.platform = "onnxruntime_onnx"
             c.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
@@ -223,6 +232,7 @@ def export_repository(
     out: Path | str,
     twin: Path | str | None = None,
     *,
+    version: int = 1,
     k: int = 20,
     filter_seen: bool = True,
     max_batch_size: int = 1024,
@@ -230,7 +240,16 @@ def export_repository(
     max_queue_delay_us: int = 2000,
     twin_threads: int = 0,
 ) -> ExportResult:
-    """Write the production repository at `out` and the CPU twin at `twin` (default `<out>-twin`); replaces both."""
+    """Write version `version` of the model into the production repository at `out` and the CPU twin at `twin`
+    (default `<out>-twin`).
+
+    Other version directories are kept, so a new version can be rolled out next to the one being served; the
+    version's own directory is replaced. A model directory without other versions is written afresh (config
+    included); with other versions the new one must declare the same interface as the config they share, which
+    is kept (ValueError otherwise). The top-level vocab/categories/metadata copies follow the newest version.
+    """
+    if version < 1:
+        raise ValueError(f"version {version}: Triton versions are positive integers")
     out, twin = Path(out), Path(twin) if twin else twin_dir_for(out)
     model = ckpt.model.eval().cpu()
     spec = ServingSpec(
@@ -246,30 +265,65 @@ def export_repository(
     if spec.n_categories != model.category_head.out_features or spec.n_categories == 0:
         raise ValueError(f"{len(ckpt.categories)} category names for a head of {model.category_head.out_features}")
     prod_model, twin_model = out / spec.name, twin / spec.name
-    for d in (prod_model, twin_model):
-        shutil.rmtree(d, ignore_errors=True)
-        (d / "1").mkdir(parents=True)
-    onnx_path = export_onnx(ServingModel(model, spec.k, filter_seen), prod_model / "1" / "model.onnx", spec.max_len)
-    shutil.copy2(onnx_path, twin_model / "1" / "model.onnx")
-    (twin_model / "1" / "model.py").write_text(resources.files("models").joinpath("triton_twin.py").read_text())
+    configs = {prod_model: spec.config("production"), twin_model: spec.config("twin", twin_threads)}
+    others = {d: [v for v in version_dirs(d) if v != version] for d in configs}
+    for d, config in configs.items():
+        if others[d]:
+            _check_same_interface(read_config(d / "config.pbtxt"), config, d, version)
+    for d in configs:
+        if others[d]:
+            shutil.rmtree(d / str(version), ignore_errors=True)
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+        (d / str(version)).mkdir(parents=True)
+    vdir = str(version)
+    onnx_path = export_onnx(ServingModel(model, spec.k, filter_seen), prod_model / vdir / "model.onnx", spec.max_len)
+    shutil.copy2(onnx_path, twin_model / vdir / "model.onnx")
+    (twin_model / vdir / "model.py").write_text(resources.files("models").joinpath("triton_twin.py").read_text())
 
-    meta = _metadata(ckpt, spec, onnx_path, filter_seen)
+    meta = _metadata(ckpt, spec, onnx_path, filter_seen, version)
     for d, kind in ((prod_model, "production"), (twin_model, "twin")):
-        config = spec.config(kind, twin_threads)  # type: ignore[arg-type]
-        (d / "config.pbtxt").write_text(text_format.MessageToString(config))
-        (d / "vocab.json").write_text(ckpt.vocab.to_json())
-        (d / "categories.json").write_text(json.dumps(list(ckpt.categories)))
-        (d / "metadata.json").write_text(json.dumps({**meta, "repository": kind}, indent=2, default=str))
+        if not others[d]:
+            (d / "config.pbtxt").write_text(text_format.MessageToString(configs[d]))
+        bundle = {
+            "vocab.json": ckpt.vocab.to_json(),
+            "categories.json": json.dumps(list(ckpt.categories)),
+            "metadata.json": json.dumps({**meta, "repository": kind}, indent=2, default=str),
+        }
+        newest = version >= max(others[d], default=0)
+        for target in (d / vdir, *([d] if newest else [])):
+            for name, text in bundle.items():
+                (target / name).write_text(text)
     return ExportResult(out, twin, onnx_path, meta)
 
 
-def _metadata(ckpt: CheckpointLike, spec: ServingSpec, onnx_path: Path, filter_seen: bool) -> dict[str, Any]:
+def version_dirs(model_dir: Path) -> list[int]:
+    """The numbered version directories of a Triton model directory, ascending ([] when there is none)."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _check_same_interface(existing: mc.ModelConfig, new: mc.ModelConfig, model_dir: Path, version: int) -> None:
+    """Versions of one Triton model share its config.pbtxt: a version with other inputs/outputs is a new model."""
+    for part in ("name", "input", "output", "max_batch_size"):
+        if getattr(existing, part) != getattr(new, part):
+            raise ValueError(
+                f"version {version} does not fit {model_dir / 'config.pbtxt'} ({part} differs): versions of one "
+                "model share its interface; export a different interface as a new model or into a new repository"
+            )
+
+
+def _metadata(
+    ckpt: CheckpointLike, spec: ServingSpec, onnx_path: Path, filter_seen: bool, version: int
+) -> dict[str, Any]:
     md = dict(ckpt.metadata or {})
     sha = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     model_cfg = getattr(ckpt, "model_config", None)
     return {
         "model_name": spec.name,
         "model_version": md.get("model_version") or f"{md.get('dataset', 'model')}-{sha[:12]}",
+        "triton_version": version,  # the version directory this bundle was written for
         "data_hash": md.get("data_hash"),
         "eval_metrics": md.get("eval_metrics") or md.get("test_metrics") or md.get("metrics"),
         "onnx_sha256": sha,

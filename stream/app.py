@@ -74,7 +74,7 @@ def create_app(settings: Settings, *, on_stage: Callable[[str, int], None] | Non
     user_state = app.Table(STATE_TABLE, partitions=settings.topic_partitions, key_type=bytes, value_type=bytes)
     user_interest = app.Table(INTEREST_TABLE, partitions=settings.topic_partitions, key_type=bytes, value_type=bytes)
 
-    model = InterestModel.load(settings) if settings.triton_url else None
+    model = InterestModel(settings) if settings.triton_url else None
     if model is None:
         log.warning("TRITON_URL is empty: ingest only (state is kept, no interest is published)")
     tables = FaustTables(user_state, user_interest)
@@ -97,6 +97,13 @@ def create_app(settings: Settings, *, on_stage: Callable[[str, int], None] | Non
         committed = app.monitor.tp_committed_offsets  # Faust's sensor API (updated on every commit)
         for tp in tps:
             metrics.CONSUMER_LAG.labels(str(tp.partition)).set(max(0, ends[tp] - (committed.get(tp) or 0)))
+
+    if model is not None:
+
+        @app.timer(interval=settings.model_poll_s)
+        async def poll_model_versions() -> None:
+            """Switch to a newly loaded model version (or refuse it) even while no events arrive."""
+            await model.versions.refresh()
 
     @app.timer(interval=30.0)
     async def count_users() -> None:
@@ -382,13 +389,15 @@ class BatchStep:
         metrics.EVENTS_REJECTED.labels(rejection.reason).inc()
 
     def health(self) -> dict[str, Any]:
-        """ "degraded" while inference fails (circuit open, a batch being retried) or a batch has been in flight
-        longer than HEALTH_STALL_S (Triton hanging, or events waiting with no output)."""
+        """ "degraded" while inference fails (circuit open, a batch being retried, no usable model version) or a
+        batch has been in flight longer than HEALTH_STALL_S (Triton hanging, or events waiting with no output)."""
         now = time.monotonic()
         oldest_s = max((now - t for t in self.started.values()), default=0.0)
         circuit_open = self.model is not None and self.model.breaker_open
+        model_problem = self.model.problem if self.model is not None else ""
         problems = [
             *(["triton circuit open"] if circuit_open else []),
+            *([model_problem] if model_problem else []),
             *([f"{len(self.failing)} batch(es) failing, retried"] if self.failing else []),
             *([f"a batch in flight for {oldest_s:.1f} s"] if oldest_s > self.stall_s else []),
         ]

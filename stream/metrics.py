@@ -63,6 +63,23 @@ CONSUMER_LAG = Gauge(
     "interest_consumer_lag_messages", "End offset minus committed offset of the events topic.", ["partition"]
 )
 BUILD_INFO = Info("interest_worker", "Worker and model versions.")
+MODEL_VERSION = Gauge(
+    "interest_model_version_info",
+    "1 for the served model version this worker uses (Triton's version number, the model's own version name).",
+    ["version", "model_version"],
+)
+MODEL_VERSIONS_REFUSED = Counter(
+    "interest_model_versions_refused_total",
+    "Ready model versions the worker refused: their inputs/outputs or bundle do not match its encoder.",
+    ["version"],
+)
+_build_info: dict[str, str] = {"worker_version": "", "model_name": "", "model_version": ""}
+
+
+def set_build_info(**fields: str) -> None:
+    """Update some fields of `interest_worker_info` (the model fields change when the worker switches versions)."""
+    _build_info.update(fields)
+    BUILD_INFO.info(_build_info)
 
 
 def event_type_label(event_type: str) -> str:

@@ -54,7 +54,10 @@ class Settings(BaseSettings):
     # --- Triton inference server (gRPC).
     triton_url: str = ""  # host:port of Triton's gRPC endpoint; empty = ingest only (state, no inference)
     triton_model: str = "interest_transformer"
-    triton_model_version: str = ""  # empty: the server's latest ready version
+    # Empty: the newest ready version that matches the encoder, switched between batches (stream/versions.py);
+    # set: only that version.
+    triton_model_version: str = ""
+    model_poll_s: float = Field(5.0, gt=0, description="how often the worker looks for a new served model version")
     triton_timeout_s: float = Field(5.0, gt=0)
     triton_retry_max_s: float = Field(2.0, gt=0, description="cap of the exponential retry back-off")
     triton_circuit_failures: int = Field(5, ge=1)
@@ -63,7 +66,8 @@ class Settings(BaseSettings):
     triton_ssl_root_certificates: Path | None = None
     triton_ssl_private_key: Path | None = None
     triton_ssl_certificate_chain: Path | None = None
-    model_dir: Path = Path("artifacts/model_repository/interest_transformer")  # vocab, categories, metadata
+    # The served model's directory: each version's vocab, categories and metadata in <version>/ (or beside config).
+    model_dir: Path = Path("artifacts/model_repository/interest_transformer")
 
     # --- Worker runtime.
     worker_web_port: int = Field(6066, ge=0, le=65535)

@@ -19,19 +19,20 @@ import typer
 
 from stream import metrics
 from stream.app import create_app
-from stream.inference import InterestClient, ModelBundle
+from stream.inference import InterestModel
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 async def check_inference(settings: Settings) -> None:
-    """Refuse to start, with a clear message, if Triton serves a model that differs from what we encode."""
-    client = InterestClient(settings, ModelBundle.load(settings.model_dir))
+    """Refuse to start, with a clear message, if no served version matches what we encode (the same check as a
+    version switch; the app resolves the version again at its first batch)."""
+    model = InterestModel(settings)
     try:
-        await client.check_model()
+        await model.start()
     finally:
-        await client.close()
+        await model.close()
 
 
 def run_worker(
@@ -46,10 +47,10 @@ def run_worker(
     """
     from prometheus_client import start_http_server
 
+    metrics.set_build_info(worker_version=_version())  # the model fields follow the version in use (versions.py)
     if settings.triton_url:
         asyncio.run(check_inference(settings))
     app = create_app(settings, on_stage=on_stage)
-    metrics.BUILD_INFO.info({"worker_version": _version(), **_model_info(settings)})
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
     worker = Worker(app, loglevel=settings.worker_log_level.upper(), override_logging=True)
@@ -93,13 +94,6 @@ def _version() -> str:
     from importlib.metadata import version
 
     return version("interest-stream")
-
-
-def _model_info(settings: Settings) -> dict[str, str]:
-    if not settings.triton_url:
-        return {"model_name": "", "model_version": ""}
-    bundle = ModelBundle.load(settings.model_dir)
-    return {"model_name": bundle.name, "model_version": bundle.version}
 
 
 def worker(

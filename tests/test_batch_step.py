@@ -77,6 +77,7 @@ class FakeModel:
     fail: int = 0
     calls: list[list[str]] = field(default_factory=list)
     breaker_open: bool = False
+    problem: str = ""
 
     async def records(self, users: list[str], states: list[UserState]) -> list[bytes]:
         self.calls.append(users)
