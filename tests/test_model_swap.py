@@ -42,7 +42,7 @@ MODEL = "interest_transformer"
 
 
 def fake_bundle(max_len: int = 200, tag: str = "v") -> ModelBundle:
-    dims = {"interest": [16], "top_items": [20], "top_scores": [20], "category_scores": [5]}
+    dims = {"interest": [16], "top_items": [20], "top_scores": [20], "category_scores": [5], "event_weights": [max_len]}
     outputs = [{"name": n, "datatype": "TYPE_INT64" if n == "top_items" else "TYPE_FP32", "dims": dims[n]}
                for n in OUTPUT_NAMES]  # fmt: skip
     meta = {"model_name": MODEL, "model_version": tag, "outputs": outputs, "encoder_config": {"max_len": max_len}}
@@ -74,7 +74,7 @@ def test_the_interface_check_refuses_other_dims_and_a_missing_output() -> None:
         "output category_scores missing"
     ]
     other = fake_bundle(max_len=100)  # a version whose encoder differs from what Triton serves
-    assert len(interface_problems(served_metadata(bundle), other)) == 4
+    assert len(interface_problems(served_metadata(bundle), other)) == len(INPUT_NAMES) + 1  # + event_weights
 
 
 class FakeTriton:
