@@ -29,6 +29,7 @@ from core.encoding import INPUT_NAMES, EncoderConfig, Vocabulary, encode_batch, 
 from core.schema import InterestRecord, ModelRef, ScenarioInterest, Scored, SessionWeight, encode_record
 from core.sessions import UserState
 from stream import metrics
+from stream.breaker import CircuitBreaker
 from stream.settings import Settings
 from stream.versions import STALL_RETRY_S, Pinned, VersionTracker
 
@@ -92,41 +93,6 @@ def bundle_dir(model_dir: Path, version: str | None) -> Path:
     """Where a version's bundle lives: its own directory when it has a metadata.json, else the model directory."""
     own = model_dir / version if version else None
     return own if own is not None and (own / "metadata.json").exists() else model_dir
-
-
-class CircuitBreaker:
-    """Opens after `failures` consecutive failures; after `reset_s` lets one trial call through (half-open).
-
-    Hand-written (a dozen lines) rather than a dependency: the async breaker libraries on PyPI are small,
-    little-maintained, and would still need the same wiring into tenacity and the metrics.
-    """
-
-    def __init__(self, failures: int, reset_s: float) -> None:
-        self.threshold, self.reset_s = failures, reset_s
-        self.consecutive = 0
-        self.opened_at: float | None = None
-
-    @property
-    def is_open(self) -> bool:
-        return self.opened_at is not None
-
-    def wait_s(self) -> float:
-        """Seconds until a call may be tried (0 when closed or half-open)."""
-        if self.opened_at is None:
-            return 0.0
-        return max(0.0, self.opened_at + self.reset_s - time.monotonic())
-
-    def success(self) -> None:
-        self.consecutive, self.opened_at = 0, None
-        metrics.CIRCUIT_OPEN.set(0)
-
-    def failure(self) -> None:
-        self.consecutive += 1
-        if self.consecutive >= self.threshold:
-            if self.opened_at is None:
-                log.warning("Triton circuit open after %d consecutive failures", self.consecutive)
-            self.opened_at = time.monotonic()
-            metrics.CIRCUIT_OPEN.set(1)
 
 
 class InterestClient:
