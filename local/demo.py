@@ -78,9 +78,15 @@ def print_profiles(console: Console, web_url: str, users: list[str]) -> None:
             continue
         genres = ", ".join(f"{c['id']} {c['score']:.2f}" for c in record["top_categories"][:3])
         movies = "; ".join(titles.get(i["id"], i["id"]) for i in record["top_items"][:3])
+        drivers = "; ".join(
+            f"{time.strftime('%Y-%m-%d', time.gmtime(e['session_start_ms'] / 1000))} ({e['events']} ratings, "
+            f"{e['weight']:.0%}: {titles.get(e['top_items'][0], e['top_items'][0]) if e['top_items'] else '-'})"
+            for e in record.get("explanation", [])
+        )
         console.print(
             f"[bold]user {user}[/] (seq {record['seq']}, {record['events_seen']} ratings, "
             f"{record['sessions_seen']} sessions)\n  top genres: {genres}\n  top movies: {movies}"
+            f"\n  driven by sessions: {drivers or '-'}"
         )
 
 

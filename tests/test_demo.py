@@ -54,6 +54,7 @@ def test_demo_runs_end_to_end_and_stops_everything_on_ctrl_c(ml_export: Any, tmp
         text = "".join(lines)
         assert "training" not in text and "exporting" not in text, "a cached model is reused"
         assert "interest updates" in text and text.count("top genres:") == 3 and "top movies:" in text
+        assert text.count("driven by sessions:") == 3 and "ratings, " in text.split("driven by sessions:")[1]
         web = next(line.split()[1] for line in lines if line.startswith("http "))
         web = web.removesuffix("/users/<user_id>/interest")
         assert http_json(f"{web}/health")["status"] == "ok"
