@@ -69,20 +69,20 @@ class ServingModel(nn.Module):
         self, item_ids: Tensor, event_types: Tensor, session_pos: Tensor, time_gaps: Tensor, scenarios: Tensor
     ) -> tuple[Tensor, ...]:
         interest, weights, per_scenario = self.model.serve(item_ids, event_types, session_pos, time_gaps, scenarios)
-        top_items, top_scores = self.top(interest, item_ids)
+        history = self.model.history_scores(item_ids)  # the kNN evidence: once, whatever the scenarios
+        seen = torch.zeros_like(history).scatter(1, item_ids, _SEEN_PENALTY) if self.filter_seen else None
+        top_items, top_scores = self.top(interest, history, seen)
         out = (interest, top_items, top_scores, self.model.category_scores(interest, item_ids), weights)
         if not per_scenario:
             return out
-        tops = [self.top(h, item_ids) for h in per_scenario]
+        tops = [self.top(h, history, seen) for h in per_scenario]
         stack = lambda ts: torch.stack(ts, 1)  # noqa: E731
         return *out, stack(per_scenario), stack([t[0] for t in tops]), stack([t[1] for t in tops])
 
-    def top(self, interest: Tensor, item_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """The k best items (seen ones last with `filter_seen`) and their scores."""
-        scores = self.model.item_scores(interest, item_ids)
-        rank = scores
-        if self.filter_seen:
-            rank = scores - _SEEN_PENALTY * torch.zeros_like(scores).scatter(1, item_ids, 1.0)
+    def top(self, interest: Tensor, history: Tensor, seen: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The k best items for one interest (seen ones ranked last with `filter_seen`) and their scores."""
+        scores = self.model.item_logits(interest) + history
+        rank = scores if seen is None else scores - seen
         top_items = torch.topk(rank, self.k, dim=1).indices
         return top_items, scores.gather(1, top_items)
 

@@ -294,10 +294,14 @@ class InterestTransformer(nn.Module):
     def item_scores(self, interest: Tensor, item_ids: Tensor) -> Tensor:
         """[B, n_items] next-item scores for the histories `item_ids`: Transformer logits + knn_weight * kNN
         evidence; PAD and OOV are -inf."""
-        scores = self.item_logits(interest) + self.item_mask
+        return self.item_logits(interest) + self.history_scores(item_ids)
+
+    def history_scores(self, item_ids: Tensor) -> Tensor:
+        """The part of `item_scores` that depends on the history alone (knn_weight * kNN evidence, PAD and OOV
+        -inf): computed once when several interests of one history are scored."""
         if self.cfg.knn_rank > 0:
-            scores = scores + self.knn_weight * self.knn_scores(item_ids)
-        return scores
+            return self.item_mask + self.knn_weight * self.knn_scores(item_ids)
+        return self.item_mask.expand(item_ids.shape[0], -1)
 
     def history_genre_shares(self, item_ids: Tensor) -> Tensor:
         """[B, L, C] share of the items up to and including each position that carry each genre (causal)."""
