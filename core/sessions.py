@@ -253,7 +253,10 @@ class _Stored(msgspec.Struct, array_like=True):
     input_offset: int = -1
     id_ts: list[int] = []
     id_fps: bytes = b""
-    scenarios: list[str] = []  # empty: no event names a scenario (and states stored before scenarios existed)
+    # Per event, an index into `scenario_names` (one byte: a state holds at most 256 distinct scenarios; max_events is
+    # far below); both empty when no event names a scenario (and in states stored before scenarios existed).
+    scenario_names: list[str] = []
+    scenario_codes: bytes = b""
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -279,7 +282,7 @@ def encode_state(state: UserState) -> bytes:
             input_offset=state.input_offset,
             id_ts=list(state.id_ts),
             id_fps=_pack(state.id_fps),
-            scenarios=list(state.scenarios),
+            **_pack_scenarios(state.scenarios),
         )
     )
 
@@ -287,6 +290,15 @@ def encode_state(state: UserState) -> bytes:
 def _pack(fps: Sequence[int]) -> bytes:
     """64-bit fingerprints as 8 big-endian bytes each (msgpack would spend 9 per int and a list header)."""
     return b"".join(fp.to_bytes(8, "big") for fp in fps)
+
+
+def _pack_scenarios(scenarios: Sequence[str]) -> dict[str, list[str] | bytes]:
+    """Scenario names once per state, one byte per event (the names repeated per event cost ~4x as much)."""
+    names = list(dict.fromkeys(scenarios))
+    if len(names) > 256:
+        raise ValueError(f"{len(names)} distinct scenarios in one state; at most 256 are stored")
+    index = {name: i for i, name in enumerate(names)}
+    return {"scenario_names": names, "scenario_codes": bytes(index[x] for x in scenarios)}
 
 
 def _unpack(data: bytes) -> tuple[int, ...]:
@@ -315,5 +327,5 @@ def decode_state(data: bytes | None) -> UserState:
         input_offset=s.input_offset,
         id_ts=tuple(s.id_ts),
         id_fps=_unpack(s.id_fps),
-        scenarios=tuple(s.scenarios),
+        scenarios=tuple(s.scenario_names[c] for c in s.scenario_codes),
     )

@@ -37,6 +37,14 @@ def test_state_keeps_a_scenario_per_event_in_time_order_and_round_trips() -> Non
     assert later.scenarios == ("", "", "app")
 
 
+def test_a_stored_scenario_costs_one_byte_per_event() -> None:
+    plain = [ev(f"i{k}", T0 + k * MIN) for k in range(200)]
+    named = [ev(f"i{k}", T0 + k * MIN, platform=("app", "web", "tv")[k % 3]) for k in range(200)]
+    a, b = (state_from_events(es, SessionConfig()) for es in (plain, named))
+    assert decode_state(encode_state(b)) == b and decode_state(encode_state(a)) == a
+    assert len(encode_state(b)) - len(encode_state(a)) <= 200 + 16  # the codes, and each name once
+
+
 def test_scenarios_encode_as_known_ids_and_none() -> None:
     enc = EncoderConfig(max_len=6, scenarios=("app", "tv"))
     s = state_from_events([ev("a", T0, scenario="tv"), ev("b", T0 + MIN), ev("c", T0 + 2 * MIN, scenario="web")], CFG)
