@@ -164,7 +164,7 @@ def apply_events(
         return state, report
 
     drop = max(0, len(ts) - cfg.max_events)
-    starts = _session_starts(ts, cfg.gap_ms)
+    starts = session_starts(ts, cfg.gap_ms)
     kept = [s for s in starts if s > drop]
     if drop < len(ts):
         kept.insert(0, drop)  # the oldest retained session may have lost its first events
@@ -218,7 +218,7 @@ def _remembered_ids(
     return tuple(t for t, _ in kept), tuple(fp for _, fp in kept)
 
 
-def _session_starts(ts: Sequence[int], gap_ms: int) -> list[int]:
+def session_starts(ts: Sequence[int], gap_ms: int) -> list[int]:
     """Indices where a session begins."""
     if not ts:
         return []

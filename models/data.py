@@ -72,7 +72,7 @@ def _hash(*paths: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _vocabulary(states: list[UserState]) -> Vocabulary:
+def vocabulary_of(states: list[UserState]) -> Vocabulary:
     """Every item in the data, most popular first (ties by id): deterministic."""
     counts = Counter(i for s in states for i in s.items)
     return Vocabulary(sorted(counts, key=lambda i: (-counts[i], i)))
@@ -82,7 +82,7 @@ def load_movielens() -> Dataset:
     groups = list(by_user(movielens_events()))
     groups.sort(key=lambda g: int(g[0]))
     states = [state_from_events(es, HISTORY) for _, es in groups]
-    vocab = _vocabulary(states)
+    vocab = vocabulary_of(states)
     movies = movielens_movies()
     categories = sorted({g for m in movies.values() for g in m.genres})
     col = {g: k for k, g in enumerate(categories)}
@@ -107,7 +107,7 @@ def load_otto() -> Dataset:
     groups = sorted(by_user(otto_events()), key=lambda g: g[0])
     states = [state_from_events(es, HISTORY) for _, es in groups]
     path = data_dir() / "otto-sample" / "train.jsonl"
-    return Dataset("otto-sample", [u for u, _ in groups], states, _vocabulary(states), data_hash=_hash(path))
+    return Dataset("otto-sample", [u for u, _ in groups], states, vocabulary_of(states), data_hash=_hash(path))
 
 
 def load(name: str) -> Dataset:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from core.encoding import EncoderConfig, Vocabulary, window_start
-from core.sessions import UserState
+from core.sessions import UserState, session_starts
 from models.data import HISTORY, load, split
 from models.train import load_checkpoint, to_tensors
 
@@ -29,7 +29,7 @@ def drop_session(state: UserState, k: int) -> UserState:
     sl = state.session_slices()[k]
     keep = [i for i in range(len(state)) if not sl.start <= i < sl.stop]
     ts = [state.ts[i] for i in keep]
-    starts = [0] + [i for i in range(1, len(ts)) if ts[i] - ts[i - 1] > HISTORY.gap_ms] if ts else []
+    starts = session_starts(ts, HISTORY.gap_ms)
     pick = lambda col: tuple(col[i] for i in keep) if col else ()  # noqa: E731
     return replace(
         state,

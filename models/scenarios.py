@@ -21,7 +21,7 @@ import torch
 from core.encoding import EncoderConfig
 from core.schema import Event
 from core.sessions import UserState
-from models.data import HISTORY, Dataset, _vocabulary, prefix, split
+from models.data import HISTORY, Dataset, prefix, split, vocabulary_of
 from models.ranking import next_session_metrics, seen_mask
 from models.train import Checkpoint, TrainConfig, to_tensors, train
 
@@ -50,7 +50,7 @@ def planted_dataset(n_users: int = 400, n_items: int = 300, n_categories: int = 
             t += rng.randint(1, 3) * 86_400_000
         users.append(f"u{u}")
         states.append(state_from_events(events, HISTORY))
-    vocab = _vocabulary(states)
+    vocab = vocabulary_of(states)
     categories = [f"c{c}" for c in range(n_categories)]
     item_categories = np.zeros((len(vocab), n_categories), dtype=np.float32)
     for idx in range(2, len(vocab)):
