@@ -1,7 +1,7 @@
 """The Faust worker: app, topics, tables and the agent, declared plainly; then the batch step it runs.
 
 One event, input topic to output record (docs/architecture.md): the `ingest` agent takes a batch ->
-`BatchStep.process` validates it (`core.schema.parse_event`) and folds each user's events into the stored state
+`BatchStep.process` validates it (`core.schema.parse_message`) and folds each user's events into the stored state
 (`core.sessions.apply_events`) -> `stream.inference.InterestModel` encodes the changed users (`core.encoding`),
 asks Triton once for the batch and builds the records (`core.schema.InterestRecord`) -> the new state and record
 go to the tables (RocksDB + changelogs, awaited) -> the record goes to the output topic. Bad input goes to
@@ -28,7 +28,7 @@ import faust
 from faust.streams import _current_event, current_event
 from faust.types import EventT
 
-from core.schema import Event, Forget, Rejection, decode_record, encode_record, in_scenario, parse_event
+from core.schema import Event, Forget, Rejection, decode_record, encode_record, in_scenario, parse_message
 from core.sessions import Applied, Outcome, UserState, apply_events, decode_state, encode_state, forget_is_replay
 from stream import metrics
 from stream.inference import InterestModel
@@ -185,8 +185,10 @@ class FaustTables:
 
 
 Pairs = Sequence[tuple[Event, EventT]]
-Seen = set[tuple[int, int]]  # (partition, offset) of the messages this batch already dead-lettered or executed
-DeadLetters = list[tuple[tuple[int, int], Awaitable[Any]]]  # this attempt's DLQ sends, awaited at its end
+Where = tuple[int, int, int]  # (partition, offset, index in its batch envelope; -1 for a plain message)
+Seen = set[Where]  # what this batch already dead-lettered or executed
+DeadLetters = list[tuple[Where, Awaitable[Any]]]  # this attempt's DLQ sends, awaited at its end
+Elements = dict[int, tuple[int, bytes]]  # id(event) -> (index, own bytes), for the events of batch envelopes
 
 
 class BatchStep:
@@ -212,7 +214,11 @@ class BatchStep:
     ) -> None:
         self.tables, self.dlq, self.output, self.model = tables, dlq, output, model
         self.session_cfg = settings.session_config()
-        self.max_bytes, self.max_future_ms = settings.event_max_bytes, round(settings.event_max_future_s * 1000)
+        self.limits = {
+            "max_bytes": settings.event_max_bytes,
+            "max_envelope_bytes": settings.event_envelope_max_bytes,
+            "max_future_ms": round(settings.event_max_future_s * 1000),
+        }
         self.dlq_max_bytes, self.stall_s = settings.dlq_max_value_bytes, settings.health_stall_s
         self.on_stage = on_stage or (lambda point, published: None)
         self.published = 0
@@ -252,21 +258,24 @@ class BatchStep:
 
     async def _process(self, batch: list[EventT], seen: Seen, dead: DeadLetters) -> None:
         by_user: dict[bytes, list[tuple[Event | Forget, EventT]]] = {}
+        elements: Elements = {}
         forgets = False
         for ev in batch:
             msg = ev.message
-            parsed = parse_event(msg.value, msg.key or b"", max_bytes=self.max_bytes, max_future_ms=self.max_future_ms)
-            if isinstance(parsed, Rejection):
-                await self.dead_letter(ev, parsed, seen, dead)
-            else:
+            for part in parse_message(msg.value, msg.key or b"", **self.limits):
+                if isinstance(parsed := part.parsed, Rejection):
+                    await self.dead_letter(ev, parsed, seen, dead, part.index, part.raw)
+                    continue
                 by_user.setdefault(msg.key, []).append((parsed, ev))
                 forgets = forgets or isinstance(parsed, Forget)
+                if part.raw is not None:  # an event of an envelope: late, it is dead-lettered alone
+                    elements[id(parsed)] = (part.index, part.raw)
         if forgets:  # rare: the common batch skips this pass
             by_user = await self.forget(by_user, seen)  # type: ignore[assignment]  # events only from here on
         to_publish: list[tuple[bytes, UserState, Pairs]] = []
         republish: list[tuple[bytes, bytes]] = []
         for key, pairs in by_user.items():
-            old, state, report = await self.fold(key, pairs, seen, dead)
+            old, state, report = await self.fold(key, pairs, seen, dead, elements)
             if Outcome.REPLAY in report.outcomes and (stored := self.tables.get_record(key)) is not None:
                 republish.append((key, stored))  # it may not have reached the output before the crash
             if self.model is not None and state.dirty:  # changed now, or stored while inference was off
@@ -295,7 +304,7 @@ class BatchStep:
             if last >= 0:
                 ev = pairs[last][1]
                 _as_current(ev)  # the table read is in the partition of the user's own message
-                done = (ev.message.partition, ev.message.offset) in seen  # by an earlier attempt at this batch
+                done = (ev.message.partition, ev.message.offset, -1) in seen  # by an earlier attempt at this batch
                 if not done and not forget_is_replay(decode_state(self.tables.get_state(key)), ev.message.offset):
                     erase.append((key, ev))
         if erase:
@@ -306,12 +315,12 @@ class BatchStep:
             await asyncio.gather(*deleted)
             self.on_stage("after_forget_tables", self.published)
             await asyncio.gather(*[await self.output.send(key=key, value=None) for key, _ in erase])
-            seen.update((ev.message.partition, ev.message.offset) for _, ev in erase)
+            seen.update((ev.message.partition, ev.message.offset, -1) for _, ev in erase)
             metrics.USERS_FORGOTTEN.inc(len(erase))
         return events
 
     async def fold(
-        self, key: bytes, pairs: Pairs, seen: Seen, dead: DeadLetters
+        self, key: bytes, pairs: Pairs, seen: Seen, dead: DeadLetters, elements: Elements | None = None
     ) -> tuple[UserState, UserState, Applied]:
         """Fold one user's events into its stored state: (stored state, new state, what each event did)."""
         _as_current(pairs[-1][1])
@@ -328,7 +337,8 @@ class BatchStep:
             else:
                 lag_s = (new_state.ts[-1] - event.timestamp) / 1000
                 reason = Rejection("late", f"event time is {lag_s:.0f} s behind the user's latest")
-                await self.dead_letter(ev, reason, seen, dead)
+                index, raw = (elements or {}).get(id(event), (-1, None))
+                await self.dead_letter(ev, reason, seen, dead, index, raw)
         metrics.SESSIONS_STARTED.inc(report.new_sessions)
         return state, new_state, report
 
@@ -365,19 +375,30 @@ class BatchStep:
         metrics.STATE_BYTES.observe(len(data))
         return self.tables.put(key, data, record)
 
-    async def dead_letter(self, ev: EventT, rejection: Rejection, seen: Seen, pending: DeadLetters) -> None:
-        """One DLQ record per message: the original bytes (truncated to DLQ_MAX_VALUE_BYTES, so a message too
-        large to forward cannot block its partition) with the reason and the original's identity in headers."""
+    async def dead_letter(
+        self,
+        ev: EventT,
+        rejection: Rejection,
+        seen: Seen,
+        pending: DeadLetters,
+        index: int = -1,
+        raw: bytes | None = None,
+    ) -> None:
+        """One DLQ record per rejected message, or per rejected event of a batch envelope (`index`, its own bytes
+        `raw`): the original bytes (truncated to DLQ_MAX_VALUE_BYTES, so a message too large to forward cannot
+        block its partition) with the reason and the original's identity in headers."""
         msg = ev.message
-        if (msg.partition, msg.offset) in seen:
+        where = (msg.partition, msg.offset, index)
+        if where in seen:
             return  # already dead-lettered by an earlier attempt at this batch
-        value, key = msg.value or b"", msg.key or b""
+        value, key = (msg.value or b"") if raw is None else raw, msg.key or b""
         headers = [
             ("dlq.reason", rejection.reason.encode()),
             ("dlq.detail", rejection.detail.encode()[:1024]),
             ("dlq.topic", msg.topic.encode()),
             ("dlq.partition", str(msg.partition).encode()),
             ("dlq.offset", str(msg.offset).encode()),
+            *([("dlq.index", str(index).encode())] if index >= 0 else []),
             ("dlq.time_ms", str(int(time.time() * 1000)).encode()),
             ("dlq.original_bytes", str(len(value)).encode()),
             ("dlq.sha256", hashlib.sha256(value).hexdigest().encode()),
@@ -385,7 +406,7 @@ class BatchStep:
         if len(value) > self.dlq_max_bytes or len(key) > 1024:
             headers.append(("dlq.truncated", b"1"))
         sent = await self.dlq.send(key=key[:1024], value=value[: self.dlq_max_bytes], headers=headers)
-        pending.append(((msg.partition, msg.offset), sent))
+        pending.append((where, sent))
         metrics.EVENTS_REJECTED.labels(rejection.reason).inc()
 
     def health(self) -> dict[str, Any]:

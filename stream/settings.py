@@ -38,6 +38,7 @@ class Settings(BaseSettings):
 
     # --- Event contract limits.
     event_max_bytes: int = Field(16 * 1024, ge=256)
+    event_envelope_max_bytes: int = Field(1_000_000, ge=1024, description="a batch envelope (JSON array of events)")
     event_max_future_s: float = Field(600.0, ge=0, description="reject event times this far past the clock")
     # A DLQ record carries at most this much of the original value (headers: original size and sha256), so a
     # message too large for the producer cannot fail its batch.

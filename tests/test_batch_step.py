@@ -265,3 +265,41 @@ def test_an_erasure_stage_is_reported_for_fault_injection() -> None:
     step.on_stage = lambda point, published: seen.append((point, published))
     asyncio.run(step.process([message("a", 1, 0), forget("a", 1), message("a", 2, 2)]))
     assert seen == [("after_forget_tables", 0), ("before_publish", 0), ("after_publish", 1)]
+
+
+def envelope(user: str, raws: list[bytes], offset: int) -> FakeEvent:
+    return FakeEvent(Message(user.encode(), b"[" + b",".join(raws) + b"]", partition=2, offset=offset))
+
+
+def raw_event(user: str, i: int, *, t: int | None = None) -> bytes:
+    ts = T0 + i * 1000 if t is None else t
+    return encode_event(Event(user_id=user, item_id=f"i{i}", event_type="view", timestamp=ts, event_id=f"{user}-{i}"))
+
+
+def test_an_envelope_folds_like_its_events_sent_one_by_one_and_dead_letters_a_bad_event_alone() -> None:
+    bad = b'{"user_id":"a","item_id":"i9","event_type":"view","timestamp":"soon"}'
+    step, tables, dlq, output = make_step(FakeModel())
+    asyncio.run(step.process([envelope("a", [raw_event("a", 1), bad, raw_event("a", 2)], 5), message("b", 1, 6)]))
+    alone, single_tables, _, _ = make_step(FakeModel())
+    asyncio.run(alone.process([message("a", 1, 3), message("a", 2, 5), message("b", 1, 6)]))
+    assert tables.states == single_tables.states, "same state (offset 5 held) as the two valid events alone"
+    ((key, value, headers),) = dlq.sent
+    assert (key, value, headers["dlq.reason"]) == (b"a", bad, b"schema"), "the bad event's own bytes"
+    assert (headers["dlq.offset"], headers["dlq.index"], headers["dlq.partition"]) == (b"5", b"1", b"2")
+    assert headers["dlq.sha256"] == hashlib.sha256(bad).hexdigest().encode()
+    assert [json.loads(v)["events"] for _, v, _ in output.sent] == [2, 1], "one record per user, both events in"
+
+
+def test_a_late_event_in_an_envelope_is_dead_lettered_alone_once_across_retries_and_replays() -> None:
+    late = raw_event("a", 3, t=T0 - 5 * 3_600_000)  # 5 h before the user's latest: beyond the lateness
+    model = FakeModel(fail=1)
+    step, tables, dlq, output = make_step(model)
+    batch = [envelope("a", [raw_event("a", 1), late, raw_event("a", 2)], 0)]
+    with patch("stream.app.asyncio.sleep", AsyncMock()):
+        asyncio.run(step.process_until_done(batch))  # the first attempt fails at inference and is retried
+    ((_, value, headers),) = dlq.sent
+    assert (value, headers["dlq.reason"], headers["dlq.index"]) == (late, b"late", b"1")
+    stored = dict(tables.states)
+    asyncio.run(step.process(batch))  # read again after a crash: every event of the envelope is a replay
+    assert tables.states == stored and len(dlq.sent) == 1 and len(model.calls) == 2
+    assert decode_state(stored[b"a"]).events_seen == 2 and len(output.sent) == 2, "published, then republished"

@@ -7,9 +7,20 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import pytest
 
-from core.schema import REASONS, Event, Forget, Rejection, parse_event
+from core.schema import (
+    ENVELOPE_MAX_EVENTS,
+    REASONS,
+    Event,
+    Forget,
+    Part,
+    Rejection,
+    encode_envelope,
+    parse_event,
+    parse_message,
+)
 
 NOW_MS = 1_700_000_000_000
 VALID: dict[str, Any] = {
@@ -161,3 +172,87 @@ def test_a_forget_message_is_accepted_and_nothing_else_becomes_one() -> None:
     assert isinstance(missing_item, Rejection) and "item_id" in missing_item.detail, "the event's own error"
     reserved = parse(b"u0138", doc(event_type="forget"))
     assert isinstance(reserved, Rejection) and "reserved" in reserved.detail
+
+
+# --- The same corpus inside a batch envelope (a JSON array of one user's events): each event stands alone.
+
+
+def _is_json(value: bytes | None) -> bool:
+    try:
+        msgspec.json.decode(value or b"")
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return False
+    return True
+
+
+# too_large's padding is whitespace, which is not part of an envelope's event (its size limit: below).
+IN_ENVELOPE = sorted(kind for kind, (_, value, _) in CORPUS.items() if _is_json(value) and kind != "too_large")
+BREAK_ENVELOPE = sorted(kind for kind in CORPUS if kind not in IN_ENVELOPE and kind != "too_large")
+
+
+def parse_all(key: bytes, value: bytes) -> list[Part]:
+    return parse_message(value, key, max_bytes=16 * 1024, now_ms=NOW_MS)
+
+
+def test_most_of_the_corpus_can_be_an_event_of_an_envelope() -> None:
+    assert len(IN_ENVELOPE) >= 40 and len(BREAK_ENVELOPE) >= 10
+
+
+@pytest.mark.parametrize("kind", IN_ENVELOPE)
+def test_a_malformed_event_inside_an_envelope_is_rejected_alone_with_its_reason(kind: str) -> None:
+    key, value, reason = CORPUS[kind]
+    assert value is not None
+    valid = doc(user_id=key.decode(errors="replace"))
+    parts = parse_all(key, b"[" + valid + b",\n " + value + b"]")
+    assert [p.index for p in parts] == [0, 1]
+    bad = parts[1]
+    assert isinstance(bad.parsed, Rejection) and bad.parsed.reason == reason, bad.parsed
+    assert bad.raw == value, "the DLQ gets the event's own bytes, not the envelope's"
+    if isinstance(parse(key, valid), Event):  # a key that is a valid user id: its own event is applied
+        assert isinstance(parts[0].parsed, Event) and parts[0].raw == valid
+
+
+@pytest.mark.parametrize("kind", BREAK_ENVELOPE)
+def test_an_envelope_that_is_not_json_is_rejected_whole(kind: str) -> None:
+    """Not JSON at all: the envelope is one rejection. Invalid UTF-8 inside a string is found per event (the
+    array's structure is still intact), so there the bad event alone is rejected."""
+    key, value, _ = CORPUS[kind]
+    parts = parse_all(key, b"[" + doc() + b"," + (value or b"") + b"]")
+    if kind == "invalid_utf8":
+        assert isinstance(parts[0].parsed, Event) and isinstance(bad := parts[1].parsed, Rejection)
+        assert bad.reason == "invalid_json" and parts[1].raw == value
+        return
+    (part,) = parts
+    assert isinstance(part.parsed, Rejection) and (part.index, part.raw) == (-1, None)
+    assert part.parsed.reason == "invalid_json" and part.parsed.detail.startswith("batch envelope")
+
+
+def test_envelope_limits_and_forms() -> None:
+    one = doc()
+    assert [type(p.parsed) for p in parse_all(b"u0138", b" \n\t[" + one + b"]")] == [Event], "JSON whitespace first"
+    assert parse_all(b"u0138", one) == [Part(-1, None, parse(b"u0138", one))], "a plain event is one part"
+    for value, reason, words in [
+        (b"[]", "schema", "has 0"),
+        (b"[" + b",".join([one] * (ENVELOPE_MAX_EVENTS + 1)) + b"]", "schema", f"has {ENVELOPE_MAX_EVENTS + 1}"),
+        (b"[" + b",".join([one] * 10) + b"]", "too_large", "limit is 1024"),
+    ]:
+        limit = 1024 if reason == "too_large" else 1_000_000
+        (part,) = parse_message(value, b"u0138", max_envelope_bytes=limit, now_ms=NOW_MS)
+        assert isinstance(part.parsed, Rejection) and part.parsed.reason == reason and words in part.parsed.detail
+    big = doc(context={"k": "v" * 200, "pad": "p" * 200}) + b" " * 20_000
+    small, large = parse_message(b"[" + one + b"," + big + b"]", b"u0138", max_bytes=400, now_ms=NOW_MS)
+    assert isinstance(small.parsed, Event), "the limit is per event: whitespace between events is not counted"
+    assert isinstance(large.parsed, Rejection) and large.parsed.reason == "too_large" and large.raw == big.rstrip()
+    parts = parse_all(b"u0138", b"[" + b",".join([one] * ENVELOPE_MAX_EVENTS) + b"]")
+    assert len(parts) == ENVELOPE_MAX_EVENTS and all(isinstance(p.parsed, Event) for p in parts)
+    forget = doc(event_type="forget", **NO_ITEM)
+    first, second = parse_all(b"u0138", b"[" + one + b"," + forget + b"]")
+    assert isinstance(first.parsed, Event)
+    assert isinstance(second.parsed, Rejection) and "own" in second.parsed.detail, "a forget travels alone"
+    other = parse_all(b"u0138", b"[" + one + b"," + doc(user_id="u9") + b"]")[1].parsed
+    assert isinstance(other, Rejection) and other.reason == "key_mismatch", "an envelope holds one user's events"
+
+
+def test_encode_envelope_round_trips() -> None:
+    events = [Event(user_id="u1", item_id=f"i{k}", event_type="view", timestamp=NOW_MS + k) for k in range(3)]
+    assert [p.parsed for p in parse_all(b"u1", encode_envelope(events))] == events

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -126,6 +127,23 @@ def test_a_crash_replay_changes_nothing(events, committed):
         # applied -> replay; duplicate or late (whose offsets the state does not store) -> the same again
         assert after is Outcome.REPLAY or after is before is not Outcome.APPLIED, (before, after)
     assert state.events_seen == fold_one_by_one(events).events_seen
+
+
+@given(events_st, st.integers(1, 8))
+@example(EVICTED_ID, 3)
+@settings(max_examples=300, deadline=None)
+def test_batch_envelopes_fold_like_single_messages(events, size):
+    """Events of one batch envelope share its offset: folded they give the state of the same events sent one
+    message each, and a replay of any envelope changes nothing (none of its events is applied twice)."""
+    envelopes = [events[k : k + size] for k in range(0, len(events), size)]
+    state = UserState()
+    for offset, envelope in enumerate(envelopes):
+        state, _ = apply_events(state, envelope, SMALL, offsets=[offset] * len(envelope))
+    single = fold_with_offsets(events)
+    assert replace(state, input_offset=-1) == replace(single, input_offset=-1)
+    for offset, envelope in enumerate(envelopes):
+        again, report = apply_events(state, envelope, SMALL, offsets=[offset] * len(envelope))
+        assert again == state and Outcome.APPLIED not in report.outcomes
 
 
 def test_replay_recognised_by_offset_after_eviction():

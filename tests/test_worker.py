@@ -8,6 +8,7 @@ Only (a) replays the full data set; the others use small synthetic sets to keep 
 
 from __future__ import annotations
 
+import random
 import shutil
 import uuid
 from collections import defaultdict
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import msgspec
 import pytest
 from aiokafka.partitioner import murmur2
 
@@ -23,7 +25,7 @@ from core.sessions import UserState, decode_state, state_from_events
 from local.broker import changelog_topic, ensure_topics, run_sync
 from local.process import free_port
 from local.replay import publish
-from local.synthetic import MALFORMED_KINDS, marker_of, mix_malformed, synthetic_events
+from local.synthetic import MALFORMED_KINDS, malformed_record, marker_of, mix_malformed, synthetic_events
 from local.worker import settings_env
 from stream.settings import Settings
 from tests.fixtures.worker import (
@@ -326,6 +328,62 @@ def test_d_malformed_messages_go_to_the_dlq_and_leave_the_state_alone(
     assert_healthy(worker)  # alive, and no agent crash or restart in its log
     stop_cleanly(worker)
     assert_states(merge_partitions(read_rocksdb(settings.state_dir)), expected, "RocksDB after stop")
+
+
+def test_g_batch_envelopes_apply_like_single_events_and_dead_letter_each_bad_event_alone(
+    make_settings: Callable[..., Settings], start_worker: Callable[..., Worker]
+) -> None:
+    """One user's events sent in batch envelopes of 1-8 (JSON arrays, as SDKs send them), with malformed events
+    inside: the states equal the offline fold of the valid events, each bad event is in the DLQ once with its own
+    bytes and its index, and an envelope that is not JSON at all is dead-lettered whole."""
+    settings = make_settings(tables=(TABLE,), topic_partitions=4)
+    valid = synthetic_events(100, 2_000, seed=61)
+    expected = expected_states(valid, settings)
+    rng = random.Random(62)
+    kinds = [k for k in MALFORMED_KINDS if k != "invalid_json"]  # a broken event breaks its envelope: below
+    messages: list[tuple[bytes, bytes]] = []
+    bad: dict[str, tuple[str, bytes, int]] = {}  # marker -> (reason, own bytes, index in its envelope)
+    pending: dict[str, list[bytes]] = {}
+    for n, event in enumerate(valid):
+        events = pending.setdefault(event.user_id, [])
+        if rng.random() < 0.1:
+            kind = rng.choice(kinds)
+            if kind == "key_mismatch":  # inside an envelope: an event of another user than the message key
+                other = msgspec.structs.replace(event, user_id=f"not-{event.user_id}", event_id=f"bad-{kind}-{n}")
+                raw = encode_event(other)
+            else:
+                raw = malformed_record(event, kind, n)[1]
+            bad[marker_of(raw) or ""] = (MALFORMED_KINDS[kind], raw, len(events))
+            events.append(raw)
+        events.append(encode_event(event))
+        if len(events) >= rng.randint(1, 8):
+            messages.append((event.user_id.encode(), b"[" + b",".join(pending.pop(event.user_id)) + b"]"))
+    messages += [(user.encode(), b"[" + b",".join(events) + b"]") for user, events in pending.items()]
+    broken = b'[{"user_id":"u0001","event_id":"bad-broken-0",'
+    messages.insert(len(messages) // 2, (b"u0001", broken))
+    assert len(bad) >= 150 and len(messages) < len(valid) / 2
+
+    worker = start_worker(settings)
+    run_sync(publish(settings, messages, progress=False))
+    changelog = process_all(settings, [worker], expected)
+    assert_states(changelog.values(), expected, "changelog")
+    dlq = wait_for(
+        lambda: (records := read_topic(settings, settings.topic_dlq)) and len(records) >= len(bad) + 1 and records,
+        60,
+        "the DLQ records",
+    )
+    assert len(dlq) == len(bad) + 1, "each bad event once, and the broken envelope once"
+    for record in dlq:
+        headers = {k: v.decode() for k, v in record.headers}
+        if record.value == broken:
+            assert headers["dlq.reason"] == "invalid_json" and "dlq.index" not in headers
+            continue
+        reason, raw, index = bad.pop(marker_of(record.value) or "")
+        assert (record.value, headers["dlq.reason"], headers["dlq.index"]) == (raw, reason, str(index))
+    assert bad == {}
+    assert worker.metric("interest_events_consumed_total") == len(valid)
+    assert_healthy(worker)
+    stop_cleanly(worker)
 
 
 async def _send_large(settings: Settings, messages: list[tuple[bytes, bytes]]) -> None:
