@@ -25,7 +25,7 @@ from typing import Final
 import msgspec
 import numpy as np
 
-from core.schema import Event, encode_event
+from core.schema import Event, encode_envelope, encode_event
 
 START_MS: Final = 1_704_067_200_000  # 2024-01-01T00:00:00Z: fixed, so replays are deterministic
 EVENT_TYPES: Final = ("view", "click", "cart", "purchase")
@@ -95,6 +95,22 @@ def malformed_record(event: Event, kind: str, n: int, *, max_bytes: int = 16 * 1
     else:
         raise ValueError(f"unknown malformed kind {kind!r}; known: {', '.join(MALFORMED_KINDS)}")
     return key, value
+
+
+def in_envelopes(events: Sequence[Event], size: int) -> list[tuple[bytes, bytes]]:
+    """The events as batch envelopes of `size` events of one user (docs/events.md), as an SDK that flushes every
+    `size` events would send them: each user's events stay in order; a user's last envelope may be shorter.
+    Size 1: one plain event per message, no envelope."""
+    if size <= 1:
+        return [(event.user_id.encode(), encode_event(event)) for event in events]
+    messages: list[tuple[bytes, bytes]] = []
+    pending: dict[str, list[Event]] = {}
+    for event in events:
+        group = pending.setdefault(event.user_id, [])
+        group.append(event)
+        if len(group) >= size:
+            messages.append((event.user_id.encode(), encode_envelope(pending.pop(event.user_id))))
+    return messages + [(user.encode(), encode_envelope(group)) for user, group in pending.items()]
 
 
 def malformed_count(valid: int, share: float) -> int:

@@ -24,12 +24,14 @@ def parse_result(output: str) -> dict[str, float]:
     return {k: float(v) for k, v in re.findall(r"(\w+)=(\S+)", lines[-1])}
 
 
-def test_bench_live_tiny_run(tiny_export: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("envelope", [1, 5])
+def test_bench_live_tiny_run(tiny_export: Any, tmp_path: Path, envelope: int) -> None:
+    """Plain events, and batch envelopes of 5 events of one user (the same offered event rate)."""
     work = tmp_path / "live"
     cmd = [sys.executable, "-c", "from local.cli import app; app()", "bench", "live",
            "--repo", str(tiny_export.twin), "--work-dir", str(work), "--rates", "30", "--seconds", "3",
            "--users", "200", "--warmup-s", "1", "--idle-s", "2", "--cost-events", "1000",
-           "--slo-ms", "1000"]  # fmt: skip
+           "--slo-ms", "1000", "--envelope", str(envelope)]  # fmt: skip
     env = os.environ | {"COLUMNS": "160", "TERM": "dumb"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     output = proc.stdout + proc.stderr
@@ -45,3 +47,6 @@ def test_bench_live_tiny_run(tiny_export: Any, tmp_path: Path) -> None:
     assert result["longpoll_ms"] == longpoll.DEFAULT_MAX_WAIT_MS
     assert "100.0%" in output  # the per-rate table: everything served
     assert (work / "live-capacity.png").stat().st_size > 0
+    assert result.get("envelope", 1) == envelope
+    messages = int(re.search(r"1,000 events in ([\d,]+) messages", output).group(1).replace(",", ""))  # type: ignore[union-attr]
+    assert messages == 1000 if envelope == 1 else 200 <= messages < 1000

@@ -87,6 +87,7 @@ class LiveResult:
     longpoll_ms: float | None
     users: int
     plot: Path | None
+    envelope: int = 1  # events per message (batch envelopes of one user's events; 1: plain events)
 
     @property
     def capacity(self) -> RateResult | None:
@@ -98,7 +99,7 @@ class LiveResult:
             f"RESULT live_capacity_eps={cap.rate if cap else 0:.0f} "
             f"p99_ms_at_capacity={cap.p99_ms if cap else math.nan:.1f} worker_vs_faust_noop={self.cost.ratio:.2f} "
             f"idle_worker_core={self.idle_core:.3f} idle_worker_core_no_longpoll={self.idle_core_no_longpoll:.3f} "
-            f"longpoll_ms={self.longpoll_ms or 0:g}"
+            f"longpoll_ms={self.longpoll_ms or 0:g}" + (f" envelope={self.envelope}" if self.envelope > 1 else "")
         )
 
 
@@ -168,8 +169,11 @@ def _pct(values: Sequence[float], q: float) -> float:
 class Sweep:
     """The paced producer and the downstream reader on one event loop."""
 
-    def __init__(self, settings: Settings, traffic: Traffic, pids: dict[str, int], *, give_up_s: float) -> None:
+    def __init__(
+        self, settings: Settings, traffic: Traffic, pids: dict[str, int], *, give_up_s: float, envelope: int = 1
+    ) -> None:
         self.settings, self.traffic, self.pids, self.give_up_s = settings, traffic, pids, give_up_s
+        self.envelope = max(1, envelope)
         self.ledger = Ledger(window_start_ms=0)
         self._stop_reader = asyncio.Event()
 
@@ -225,9 +229,9 @@ class Sweep:
         return oldest is not None and time.time() * 1000 - oldest > self.give_up_s * 1000
 
     async def _rate(self, rate: float, seconds: float, drain_s: float) -> RateResult:
-        from core.schema import Event, encode_event
+        from core.schema import Event, encode_envelope, encode_event
 
-        topic, total = self.settings.topic_events, max(1, round(rate * seconds))
+        topic, total, size = self.settings.topic_events, max(1, round(rate * seconds)), self.envelope
         draws = self.traffic.draw(total)
         cpu0 = {name: process_tree_cpu_s(pid) for name, pid in self.pids.items()}
         start_wall, start = time.time(), time.monotonic()
@@ -236,19 +240,25 @@ class Sweep:
         while i < total:
             now = time.monotonic()
             due = min(total, int((now - start) * rate) + 1)
-            for user, item, etype in draws[i:due]:
-                ts = int((start_wall + i / rate) * 1000)  # the event's due time: open loop
-                event = Event(user, item, etype, ts, event_id=f"{user}-{self.traffic.n}")
-                self.traffic.n += 1
-                sends.append(await self.producer.send(topic, key=user.encode(), value=encode_event(event)))
-                ledger.on_send(user, ts)
-                i += 1
+            # One message per `size` events, sent when its last event is due (an SDK flushing every `size`
+            # events); all of a message's events are its first draw's user's, each with its own due time.
+            while i < total and min(total, i + size) <= due:
+                group, user = draws[i : i + size], draws[i][0]
+                events = []
+                for k, (_, item, etype) in enumerate(group):
+                    ts = int((start_wall + (i + k) / rate) * 1000)  # the event's due time: open loop
+                    events.append(Event(user, item, etype, ts, event_id=f"{user}-{self.traffic.n}"))
+                    self.traffic.n += 1
+                    ledger.on_send(user, ts)
+                value = encode_event(events[0]) if size == 1 else encode_envelope(events)
+                sends.append(await self.producer.send(topic, key=user.encode(), value=value))
+                i += len(group)
             if now >= next_check:
                 next_check = now + 0.5
                 if self._late():
                     stopped = True
                     break
-            await asyncio.sleep(max(0.001, start + i / rate - time.monotonic()))
+            await asyncio.sleep(max(0.001, start + (min(total, i + size) - 1) / rate - time.monotonic()))
         sent_s = time.monotonic() - start
         cpu1 = {name: process_tree_cpu_s(pid) for name, pid in self.pids.items()}
         await asyncio.gather(*sends)
@@ -285,6 +295,7 @@ def run(
     batch_wait_s: float | None = None,
     plot: Path | None = None,
     seed: int = 0,
+    envelope: int = 1,
     log: Callable[[str], object] = print,
 ) -> LiveResult:
     from local.broker import run_sync
@@ -310,15 +321,16 @@ def run(
         pids = {k: v for k, v in pipe.pids.items() if k in ("broker", "triton", "worker0")}
         reader_shim = not longpoll.installed() and longpoll.install(READER_LONGPOLL_MS)
         try:
-            sweep = Sweep(pipe.settings, traffic, pids, give_up_s=give_up_s)
+            sweep = Sweep(pipe.settings, traffic, pids, give_up_s=give_up_s, envelope=envelope)
             results = run_sync(sweep.run(list(rates), seconds, drain_s, warmup_s, log))
             cost = saturation_cost(
-                base, work_dir, events=cost_events, users=users, seed=seed, longpoll_ms=longpoll_ms, log=log
-            )
+                base, work_dir, events=cost_events, users=users, seed=seed, longpoll_ms=longpoll_ms,
+                envelope=envelope, log=log,
+            )  # fmt: skip
         finally:
             if reader_shim:
                 longpoll.uninstall()
-    result = LiveResult(results, slo_ms, cost, idle_on, idle_off, longpoll_ms, users, None)
+    result = LiveResult(results, slo_ms, cost, idle_on, idle_off, longpoll_ms, users, None, envelope)
     plot = plot or work_dir / "live-capacity.png"
     return LiveResult(**{**result.__dict__, "plot": write_plot(result, plot)})
 
@@ -360,7 +372,10 @@ def print_result(result: LiveResult) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"live: {result.users:,} users, SLO p99 ≤ {result.slo_ms:g} ms, {_shim(result.longpoll_ms)}")
+    sent_as = f"batch envelopes of {result.envelope} events" if result.envelope > 1 else "one event per message"
+    table = Table(
+        title=f"live: {result.users:,} users, {sent_as}, SLO p99 ≤ {result.slo_ms:g} ms, {_shim(result.longpoll_ms)}"
+    )
     for name in ("offered ev/s", "p50 ms", "p95 ms", "p99 ms", "p99/event ms", "served", "cores worker/Triton/broker"):
         table.add_column(name, justify="right")
     for r in result.rates:
@@ -371,7 +386,8 @@ def print_result(result: LiveResult) -> None:
     console = Console()
     console.print(table)
     c = result.cost
-    console.print(f"per event at saturation ({c.events:,} events): worker {c.worker_cpu_us:,.0f} µs CPU "
+    console.print(f"per event at saturation ({c.events:,} events in {c.messages:,} messages): "
+                  f"worker {c.worker_cpu_us:,.0f} µs CPU "
                   f"({c.worker_wall_us:,.0f} µs wall), no-op Faust agent {c.noop_cpu_us:,.0f} µs CPU "
                   f"({c.noop_wall_us:,.0f} µs wall)")  # fmt: skip
     console.print(

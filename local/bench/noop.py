@@ -1,6 +1,7 @@
 """The framework's own cost per event, and a worker's idle CPU, for `interest-stream bench live`.
 
-`saturation_cost` fills a fresh topic with N synthetic events and reads it twice at saturation: with a no-op Faust
+`saturation_cost` fills a fresh topic with N synthetic events (one per message, or in batch envelopes of one
+user's events) and reads it twice at saturation: with a no-op Faust
 agent (raw serializers, the worker's poll and partition settings, nothing done per event) and with a real worker
 (fresh group and state, the pipeline's Triton). Both figures are CPU seconds of the consumer's own process per
 event, from its first event to its last: the box is shared (broker, Triton, whatever else runs), and CPU time
@@ -36,6 +37,7 @@ class Cost:
     """CPU and wall µs per event of the no-op agent and of the worker over the same pre-filled topic."""
 
     events: int
+    messages: int  # fewer than events when they come in batch envelopes
     noop_cpu_us: float
     noop_wall_us: float
     worker_cpu_us: float
@@ -54,22 +56,25 @@ def saturation_cost(
     users: int,
     seed: int,
     longpoll_ms: float | None,
+    envelope: int = 1,
     log: Callable[[str], object] = print,
 ) -> Cost:
     from local.broker import ensure_topics, run_sync
     from local.replay import publish
-    from local.synthetic import generate
+    from local.synthetic import in_envelopes, synthetic_events
 
     tag = uuid.uuid4().hex[:8]
     settings = _fresh(base, work_dir, f"sat-{tag}")
     ensure_topics(settings, tables=TABLES)
-    run_sync(publish(settings, generate(users, events, seed=seed + 7), progress=False))
-    noop_cpu, noop_wall = _noop(settings, events, work_dir / f"noop-{tag}", longpoll_ms)
+    messages = in_envelopes(synthetic_events(users, events, seed=seed + 7), envelope)
+    run_sync(publish(settings, messages, progress=False))
+    noop_cpu, noop_wall = _noop(settings, len(messages), work_dir / f"noop-{tag}", longpoll_ms)
     log(f"no-op Faust agent: {noop_cpu * 1e6 / events:,.0f} µs CPU/event, {events / noop_wall:,.0f} ev/s")
     worker_cpu, worker_wall = _worker(settings, events, work_dir / f"sat-worker-{tag}.log", longpoll_ms)
     log(f"worker: {worker_cpu * 1e6 / events:,.0f} µs CPU/event, {events / worker_wall:,.0f} ev/s")
     return Cost(
         events=events,
+        messages=len(messages),
         noop_cpu_us=noop_cpu * 1e6 / events,
         noop_wall_us=noop_wall * 1e6 / events,
         worker_cpu_us=worker_cpu * 1e6 / events,
