@@ -323,8 +323,11 @@ def run(
         try:
             sweep = Sweep(pipe.settings, traffic, pids, give_up_s=give_up_s, envelope=envelope)
             results = run_sync(sweep.run(list(rates), seconds, drain_s, warmup_s, log))
+            # With envelopes the pre-filled topic has fewer users, so that most messages hold `envelope` events (at
+            # 10,000 users a 20,000-event topic would give each user two events: envelopes of two).
+            cost_users = users if envelope == 1 else max(1, cost_events // (4 * envelope))
             cost = saturation_cost(
-                base, work_dir, events=cost_events, users=users, seed=seed, longpoll_ms=longpoll_ms,
+                base, work_dir, events=cost_events, users=cost_users, seed=seed, longpoll_ms=longpoll_ms,
                 envelope=envelope, log=log,
             )  # fmt: skip
         finally:
