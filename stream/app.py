@@ -31,6 +31,7 @@ from faust.types import EventT
 from core.schema import Event, Forget, Rejection, decode_record, encode_record, in_scenario, parse_message
 from core.sessions import Applied, Outcome, UserState, apply_events, decode_state, encode_state, forget_is_replay
 from stream import metrics
+from stream.batching import take_batches
 from stream.inference import InterestModel
 from stream.settings import Settings
 
@@ -86,7 +87,7 @@ def create_app(settings: Settings, *, on_stage: Callable[[str, int], None] | Non
     # across partitions: a user sending 100k events delays another partition by one fetch of the hot one.
     @app.agent(events_topic)
     async def ingest(stream: faust.StreamT) -> None:
-        async for batch in stream.take_events(settings.worker_batch_max, within=settings.worker_batch_wait_s):
+        async for batch in take_batches(stream, settings.worker_batch_max, within=settings.worker_batch_wait_s):
             await step.process_until_done(batch)
 
     @app.timer(interval=5.0)
