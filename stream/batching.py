@@ -1,10 +1,10 @@
 """The agent's batches: Faust's `Stream.take_events`, changed in one place so that an idle worker sleeps.
 
 Faust's `take_events(max_, within)` waits up to `within` for its buffer to fill, in a loop, whether or not any event
-came: an idle agent wakes 1/within times a second (20/s at the default 50 ms), about 0.5 ms of CPU each on the
-reference machine, i.e. 0.01 of a core, half the idle budget (docs/benchmarks.md). Here the window opens at the
-first buffered event: with nothing buffered the loop waits for an event (or the stop) with no timer. The window
-can then be short without an idle cost. Everything else (the buffer, the acks once the agent moves on, the stop)
+came: an idle agent wakes 1/within times a second, 0.3-0.4 ms of CPU each on the reference machine: 0.006 of a
+core at a 50 ms window, 0.021 at 20 ms, against an idle budget of 0.02 (docs/benchmarks.md). Here the window opens
+at the first buffered event: with nothing buffered the loop waits for an event (or the stop) with no timer. The
+window can then be short without an idle cost. Everything else (the buffer, the acks once the agent moves on, the stop)
 is Faust's own code, copied from faust-streaming 0.15.3 (`faust/streams.py`). Pinned: on any other version
 `take_batches` falls back to the original `take_events` and logs a warning (an idle worker wakes more often,
 nothing else changes). Re-read that method before moving the pin.
