@@ -1,8 +1,8 @@
 """The framework's own cost per event, and a worker's idle CPU, for `interest-stream bench live`.
 
 `saturation_cost` fills a fresh topic with N synthetic events (one per message, or in batch envelopes of one
-user's events) and reads it twice at saturation: with a no-op Faust
-agent (raw serializers, the worker's poll and partition settings, nothing done per event) and with a real worker
+user's events) and reads it twice at saturation: with a no-op Faust agent (raw serializers, the worker's poll and
+partition settings, nothing done per event) and with a real worker
 (fresh group and state, the pipeline's Triton). Both figures are CPU seconds of the consumer's own process per
 event, from its first event to its last: the box is shared (broker, Triton, whatever else runs), and CPU time
 charges each process only its own work, where wall time would also count waiting for the CPU and, for the worker,
