@@ -232,6 +232,7 @@ class BatchStep:
         lost updates. A retried batch never dead-letters a message twice."""
         delay_s, seen, me = 0.5, Seen(), id(batch)
         self.started[me] = time.monotonic()
+        metrics.MESSAGES_READ.inc(len(batch))
         try:
             while True:
                 try:

@@ -13,9 +13,12 @@ from core.schema import KNOWN_EVENT_TYPES
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
+MESSAGES_READ = Counter(
+    "interest_messages_read_total", "Messages read from the events topic (a batch envelope is one message)."
+)
 EVENTS_CONSUMED = Counter("interest_events_consumed_total", "Valid events read from the events topic.", ["event_type"])
 EVENTS_REJECTED = Counter(
-    "interest_events_rejected_total", "Messages sent to the dead-letter topic, by reason.", ["reason"]
+    "interest_events_rejected_total", "Messages (or events of an envelope) sent to the dead-letter topic.", ["reason"]
 )
 DUPLICATES_IGNORED = Counter(
     "interest_duplicates_ignored_total", "Events ignored as repeats of one seen within the lateness horizon."

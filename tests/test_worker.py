@@ -325,6 +325,7 @@ def test_d_malformed_messages_go_to_the_dlq_and_leave_the_state_alone(
 
     assert {r: worker.metric("interest_events_rejected_total", reason=r) for r in reasons} == reasons
     assert worker.metric("interest_events_consumed_total") == len(valid)
+    assert worker.metric("interest_messages_read_total") == len(messages)
     assert_healthy(worker)  # alive, and no agent crash or restart in its log
     stop_cleanly(worker)
     assert_states(merge_partitions(read_rocksdb(settings.state_dir)), expected, "RocksDB after stop")
@@ -382,6 +383,7 @@ def test_g_batch_envelopes_apply_like_single_events_and_dead_letter_each_bad_eve
         assert (record.value, headers["dlq.reason"], headers["dlq.index"]) == (raw, reason, str(index))
     assert bad == {}
     assert worker.metric("interest_events_consumed_total") == len(valid)
+    assert worker.metric("interest_messages_read_total") == len(messages), "an envelope is one message"
     assert_healthy(worker)
     stop_cleanly(worker)
 
