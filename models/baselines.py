@@ -47,6 +47,21 @@ class ItemKNN:
         return (h @ self.xn.T) @ self.xn
 
 
+class KnnPopularity:
+    """Item-kNN evidence scaled to [0, 1] per user (as the model's in-graph scorer) + `weight` x popularity scaled
+    to [0, 1]: a hybrid for the *next session*, whose first items lean on what is popular (docs/model.md)."""
+
+    def __init__(self, train: Sequence[UserState], vocab: Vocabulary, decay: float, weight: float) -> None:
+        self.knn = ItemKNN(train, vocab, decay)
+        counts = interactions(train, vocab).sum(0)
+        self.popularity = counts / max(float(counts.max()), 1.0)
+        self.weight = weight
+
+    def scores(self, states: Sequence[UserState], vocab: Vocabulary) -> np.ndarray:
+        knn = self.knn.scores(states, vocab)
+        return knn / np.maximum(knn.max(1, keepdims=True), 1e-6) + self.weight * self.popularity
+
+
 def knn_factors(train: Sequence[UserState], vocab: Vocabulary, rank: int) -> np.ndarray:
     """F [n_items, rank] with F F^T = ItemKNN's cosine similarity: the transposed column-normalized user x item
     matrix itself when there are at most `rank` training users (exact), else its rank-`rank` truncated SVD

@@ -132,3 +132,33 @@ def split(ds: Dataset) -> Split:
             ns_in.append(prefix(s, cut))
             ns_t.append(np.unique(ds.vocab.indices(s.items[cut:])))
     return Split(train, val_in, np.asarray(val_t, np.int64), test_in, np.asarray(test_t, np.int64), ns_in, ns_t)
+
+
+@dataclass
+class SessionValidation:
+    """A next-session validation set that no fitted part has seen: users with >= 3 sessions hold out their
+    *penultimate* session as well (inputs = the sessions before it), the others keep their training history."""
+
+    train: list[UserState]
+    inputs: list[UserState]
+    targets: list[np.ndarray]  # distinct item indices of the penultimate session
+
+
+def session_validation(ds: Dataset) -> SessionValidation:
+    """For tuning scorers meant for the next session. The shared validation event is mid-history (the last event
+    before the test part); a session start behaves differently (docs/model.md: popularity matters far more), and
+    the penultimate session is in `split`'s training data, so it is held out here instead."""
+    train, inputs, targets = [], [], []
+    for s in ds.states:
+        if len(s) < 3:
+            continue
+        if len(s.starts) >= 3 and s.starts[-2] >= 2:
+            a, b = s.starts[-2], s.starts[-1]
+            train.append(prefix(s, a))
+            inputs.append(prefix(s, a))
+            targets.append(np.unique(ds.vocab.indices(s.items[a:b])))
+        else:
+            cut = s.starts[-1] if len(s.starts) >= 2 else len(s) - 1  # as in `split`
+            if cut >= 2:
+                train.append(prefix(s, cut - 1))
+    return SessionValidation(train, inputs, targets)

@@ -11,8 +11,8 @@ import torch
 
 from core.encoding import OOV, PAD, encode_batch
 from core.sessions import fingerprint, state_from_events
-from models.baselines import ItemKNN, Popularity
-from models.data import HISTORY, load_movielens, load_otto, prefix, split
+from models.baselines import ItemKNN, KnnPopularity, Popularity
+from models.data import HISTORY, load_movielens, load_otto, prefix, session_validation, split
 from models.datasets import by_user, otto_events
 from models.ranking import category_ndcg, category_relevance, next_item_metrics, next_session_metrics, seen_mask
 
@@ -35,6 +35,22 @@ def test_split_holds_out_unseen_targets(movielens):
         full = by_first[inp.ts[0]]
         assert len(inp) == full.starts[-1] and len(targets) > 0  # the input stops where the last session starts
     assert split(ds).test_targets.tolist() == sp.test_targets.tolist()  # deterministic
+
+
+def test_session_validation_holds_out_the_penultimate_session(movielens):
+    """Nothing fitted on `val.train` has seen a target session, and none of the test part is in it."""
+    ds = movielens
+    val, sp = session_validation(ds), split(ds)
+    assert len(val.inputs) == len(val.targets) > 150 and len(val.train) == len(sp.train)
+    by_first = {s.ts[0]: s for s in ds.states}
+    fitted = {s.ts[0]: s for s in val.train}
+    for inp, targets in zip(val.inputs, val.targets, strict=True):
+        full = by_first[inp.ts[0]]
+        assert len(inp) == full.starts[-2] and len(fitted[inp.ts[0]]) == len(inp)  # stops where it starts
+        want = np.unique(ds.vocab.indices(full.items[full.starts[-2] : full.starts[-1]]))
+        assert targets.tolist() == want.tolist()
+    for tr, full_tr in zip(val.train, sp.train, strict=True):
+        assert len(tr) <= len(full_tr) and tr.items == full_tr.items[: len(tr)]  # never beyond `split`'s training
 
 
 def test_prefix_equals_offline_sessionization():
@@ -98,6 +114,9 @@ def test_baselines_rank_sensibly(movielens):
     assert pop.shape == (3, len(ds.vocab)) and pop[0].argmax() == 2  # the vocabulary is most-popular first
     knn = ItemKNN(sp.train, ds.vocab, decay=0.8).scores(sp.test_inputs[:3], ds.vocab)
     assert knn.shape == pop.shape and np.isfinite(knn).all()
+    hybrid = KnnPopularity(sp.train, ds.vocab, decay=0.8, weight=0.5).scores(sp.test_inputs[:3], ds.vocab)
+    unit = knn / knn.max(1, keepdims=True)
+    np.testing.assert_allclose(hybrid, unit + 0.5 * pop / pop.max(), rtol=1e-5, atol=1e-6)  # the two scaled to [0, 1]
     mask = seen_mask(sp.test_inputs[:3], ds.vocab)
     assert mask[:, [PAD, OOV]].all() and mask[0].sum() == len(sp.test_inputs[0]) + 2
 
@@ -125,3 +144,20 @@ def test_train_save_load_roundtrip(movielens, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(**x), ckpt.model(**x))
         assert torch.isfinite(loaded.model.item_scores(loaded.model(**x), x["item_ids"])[:, 2:]).all()
+
+
+def test_result_line_names_the_best_baseline_per_metric():
+    from models.evaluate import result_line, summarize
+
+    def row(ndcg: float, ns: float) -> dict:
+        return {"metrics": {"ndcg10": ndcg, "recall10": 0.0, "mrr": 0.0, "ns_recall20": ns, "ns_ndcg20": 0.0}}
+
+    results = {
+        "baselines": {"popularity": row(0.01, 0.09), "item_knn": row(0.05, 0.08), "knn_popularity": row(0.03, 0.12)},
+        "runs": {"model/0": row(0.06, 0.10), "model/1": row(0.08, 0.10), "sasrec/0": row(0.04, 0.11)},
+    }
+    line = result_line(summarize(results, ("model", "sasrec")))
+    assert line == (
+        "RESULT ndcg10=0.0700 best_baseline=item_knn best_baseline_ndcg10=0.0500 recall20_next_session=0.1000 "
+        "best_baseline_next_session=knn_popularity best_baseline_recall20_next_session=0.1200"
+    )
