@@ -201,7 +201,9 @@ def write_report(summary, results: dict, report: Path) -> None:
         f"({len(cfg['seed'])} seeds, at most {cfg['max_epochs']} epochs or {cfg['max_minutes']:g} minutes each, early "
         "stopping on validation); "
         "baselines are deterministic. `transformer_only` = the `model` runs scored with the in-graph kNN weight set "
-        "to 0. Genre NDCG@5: category scores against the genre shares of the next session. See docs/model.md.",
+        "to 0. `knn_popularity` = item-kNN + popularity, both scaled to [0, 1], decay and weight tuned on held-out "
+        "penultimate sessions (a next-session baseline). Genre NDCG@5: category scores against the genre shares of "
+        "the next session. See docs/model.md.",
         "",
         "| variant | NDCG@10 | Recall@10 | MRR | next-session Recall@20 | next-session NDCG@20 | genre NDCG@5 |",
         "|---|---|---|---|---|---|---|",
