@@ -53,7 +53,7 @@ class KnnPopularity:
 
     def __init__(self, train: Sequence[UserState], vocab: Vocabulary, decay: float, weight: float) -> None:
         self.knn = ItemKNN(train, vocab, decay)
-        counts = interactions(train, vocab).sum(0)
+        counts = Popularity(train, vocab).counts
         self.popularity = counts / max(float(counts.max()), 1.0)
         self.weight = weight
 

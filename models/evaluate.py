@@ -79,13 +79,15 @@ def tune_knn_popularity(ds: Dataset) -> tuple[float, float]:
     """The hybrid's recency decay and popularity weight by next-session Recall@20 on the held-out penultimate
     sessions (`models.data.session_validation`): fitted on histories that stop before them."""
     val = session_validation(ds)
-
-    def recall(decay: float, weight: float) -> float:
-        s = KnnPopularity(val.train, ds.vocab, decay, weight).scores(val.inputs, ds.vocab)
-        s[seen_mask(val.inputs, ds.vocab)] = -np.inf
-        return next_session_metrics(s, val.targets, 20)["recall20"]
-
-    return max(((d, w) for d in KNN_DECAYS for w in POPULARITY_WEIGHTS), key=lambda dw: recall(*dw))
+    seen = seen_mask(val.inputs, ds.vocab)
+    recall = {}
+    for decay in KNN_DECAYS:
+        hybrid = KnnPopularity(val.train, ds.vocab, decay, weight=0.0)
+        knn = hybrid.scores(val.inputs, ds.vocab)  # the kNN part once per decay; the weights only add popularity
+        for weight in POPULARITY_WEIGHTS:
+            s = np.where(seen, -np.inf, knn + weight * hybrid.popularity)
+            recall[decay, weight] = next_session_metrics(s, val.targets, 20)["recall20"]
+    return max(recall, key=recall.get)
 
 
 def _val_ndcg(model, ds: Dataset, sp: Split) -> float:
