@@ -334,7 +334,7 @@ def _metadata(
         "top_k": spec.k,
         "filter_seen": filter_seen,
         "top_scores": "item logits (scaled dot products)",
-        "category_scores": "independent probabilities (sigmoid)",
+        "category_scores": "per genre, the estimated share of the coming items that carry it (0..1, multi-label)",
         "max_batch_size": spec.max_batch_size,
         "encoder_config": ckpt.encoder_config.to_dict(),
         "model_config": model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else None,

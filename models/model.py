@@ -51,6 +51,7 @@ class ModelConfig:
     item_bias: bool = True  # a learned per-item logit bias (popularity prior)
     knn_rank: int = 0  # columns of the in-graph item-kNN factors F (similarity = F F^T); 0 = no kNN scorer
     category_history: bool = True  # category logits also see the history's genre shares
+    category_share_mix: float = 0.0  # with category_history: served score = (1 - mix) sigmoid(head) + mix share
     n_scenarios: int = 0  # len(EncoderConfig.scenarios): the interest can be asked per known scenario
 
     @classmethod
@@ -315,6 +316,10 @@ class InterestTransformer(nn.Module):
         return logits if self.category_hist_weight is None else logits + self.category_hist_weight * shares
 
     def category_scores(self, interest: Tensor, item_ids: Tensor) -> Tensor:
-        """[B, n_categories] independent probabilities (multi-label: a movie has several genres), trained as the
-        share of the coming items that carry each genre."""
-        return torch.sigmoid(self.category_logits(interest, self.history_genre_shares(item_ids)[:, -1]))
+        """[B, n_categories] in [0, 1]: the estimated share of the coming items that carry each genre (multi-label:
+        a movie has several genres). The head, trained on that share, is mixed with the history's own shares: alone
+        it ranks genres less accurately and less personally than the history does (docs/model.md)."""
+        shares = self.history_genre_shares(item_ids)[:, -1]
+        head = torch.sigmoid(self.category_logits(interest, shares))
+        mix = self.cfg.category_share_mix if self.cfg.category_history else 0.0
+        return head if mix == 0 else (1.0 - mix) * head + mix * shares

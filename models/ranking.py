@@ -71,3 +71,13 @@ def category_ndcg(scores: np.ndarray, relevance: np.ndarray, k: int = 5) -> floa
     ideal = (-np.sort(-relevance, axis=1)[:, :k] * discounts).sum(1)
     keep = ideal > 0
     return float(np.mean(dcg[keep] / ideal[keep]))
+
+
+def category_overlap(scores: np.ndarray, k: int = 3) -> float:
+    """Mean Jaccard overlap of the top-k categories of every pair of rows: 1 = everyone gets the same top k
+    (global popularity), lower = more personal. Ties break by column order, as in `category_ndcg`."""
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    x = np.zeros(scores.shape, dtype=np.float64)
+    np.put_along_axis(x, top, 1.0, axis=1)
+    inter = (x @ x.T)[np.triu_indices(len(x), 1)]
+    return float(np.mean(inter / (2 * k - inter)))

@@ -23,7 +23,14 @@ from core.encoding import PAD, EncoderConfig, Vocabulary, encode_batch
 from core.sessions import UserState
 from models.data import Dataset, Split, load, prefix, split
 from models.model import InterestTransformer, ModelConfig
-from models.ranking import category_ndcg, category_relevance, next_item_metrics, next_session_metrics, seen_mask
+from models.ranking import (
+    category_ndcg,
+    category_overlap,
+    category_relevance,
+    next_item_metrics,
+    next_session_metrics,
+    seen_mask,
+)
 
 
 @dataclass
@@ -40,6 +47,7 @@ class TrainConfig:
     use_fusion: bool = False
     item_bias: bool = True
     category_history: bool = True
+    category_share_mix: float = 0.6  # picked on held-out penultimate sessions (docs/model.md)
     knn_rank: int = 1024  # in-graph item-kNN factor columns (exact up to this many training users); 0 = none
     batch_size: int = 16  # small data: many small steps beat few large ones on CPU
     lr: float = 2e-3
@@ -121,13 +129,14 @@ def score(
 
 def evaluate_model(model, ds: Dataset, sp: Split, enc: EncoderConfig) -> dict[str, float]:
     """Test metrics: next item (NDCG@10, Recall@10, MRR), next session (Recall@20, NDCG@20) and the category
-    NDCG@5 against the genre shares of the next session."""
+    NDCG@5 against the genre shares of the next session, and how alike users' top 3 genres are."""
     m = next_item_metrics(score(model, sp.test_inputs, ds.vocab, enc), sp.test_targets, 10)
     ns = next_session_metrics(score(model, sp.ns_inputs, ds.vocab, enc), sp.ns_targets, 20)
     out = {**m, "ns_recall20": ns["recall20"], "ns_ndcg20": ns["ndcg20"]}
     if ds.item_categories is not None and len(ds.categories):
         rel = category_relevance(ds.item_categories, sp.ns_targets)
-        out["cat_ndcg5"] = category_ndcg(score(model, sp.ns_inputs, ds.vocab, enc, categories=True), rel, 5)
+        cats = score(model, sp.ns_inputs, ds.vocab, enc, categories=True)
+        out["cat_ndcg5"], out["cat_overlap3"] = category_ndcg(cats, rel, 5), category_overlap(cats)
     return out
 
 
@@ -226,6 +235,7 @@ def train(
     flags = {k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads", "dropout")}
     flags |= {k: getattr(cfg, k) for k in ("use_session_pos", "use_time_gaps", "use_fusion", "item_bias")}
     flags |= {"knn_rank": min(cfg.knn_rank, len(sp.train)), "category_history": cfg.category_history}
+    flags |= {"category_share_mix": cfg.category_share_mix}
     mcfg = ModelConfig.for_encoder(enc, len(ds.vocab), n_categories=len(ds.categories), **flags)
     model = InterestTransformer(mcfg).to(device)
     item_cats = torch.from_numpy(ds.item_categories).to(device) if ds.item_categories is not None else None

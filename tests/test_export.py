@@ -159,7 +159,8 @@ def test_onnx_equals_eager_with_knn_item_bias_and_genre_shares(tmp_path) -> None
 
     torch.manual_seed(0)
     enc = EncoderConfig(max_len=200)
-    model = InterestTransformer(ModelConfig.for_encoder(enc, TINY_ITEMS, n_categories=5, d_model=16, knn_rank=8)).eval()
+    mcfg = ModelConfig.for_encoder(enc, TINY_ITEMS, n_categories=5, d_model=16, knn_rank=8, category_share_mix=0.6)
+    model = InterestTransformer(mcfg).eval()
     with torch.no_grad():
         model.knn_factors.copy_(torch.rand(model.knn_factors.shape))
         model.knn_decay.fill_(0.8)

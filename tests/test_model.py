@@ -57,6 +57,23 @@ def test_forward_contract(flags):
     assert cats.shape == (6, 4) and ((cats >= 0) & (cats <= 1)).all()
 
 
+def test_category_scores_mix_the_head_with_the_history_shares():
+    """The served genre score is (1 - mix) x the head's probability + mix x the history's own genre shares; without
+    `category_history` (SASRec) or with mix 0 it is the head alone."""
+    model = tiny(category_share_mix=0.6)
+    with torch.no_grad():
+        model.item_categories.copy_((torch.rand(model.item_categories.shape) < 0.4).float())
+        x = inputs(histories())
+        interest = model(**x)
+        shares = model.history_genre_shares(x["item_ids"])[:, -1]
+        head = torch.sigmoid(model.category_logits(interest, shares))
+        torch.testing.assert_close(model.category_scores(interest, x["item_ids"]), 0.4 * head + 0.6 * shares)
+        assert shares[1:].sum() > 0  # the histories do carry genres
+        model.cfg.category_history = False
+        no_history = torch.sigmoid(model.category_head(interest))
+        torch.testing.assert_close(model.category_scores(interest, x["item_ids"]), no_history)
+
+
 @pytest.mark.parametrize("fusion", [False, True])
 def test_all_padding_batch_and_forward_equals_sequence_readout(fusion: bool):
     model = tiny(use_fusion=fusion)

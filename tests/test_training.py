@@ -14,7 +14,14 @@ from core.sessions import fingerprint, state_from_events
 from models.baselines import ItemKNN, KnnPopularity, Popularity
 from models.data import HISTORY, load_movielens, load_otto, prefix, session_validation, split
 from models.datasets import by_user, otto_events
-from models.ranking import category_ndcg, category_relevance, next_item_metrics, next_session_metrics, seen_mask
+from models.ranking import (
+    category_ndcg,
+    category_overlap,
+    category_relevance,
+    next_item_metrics,
+    next_session_metrics,
+    seen_mask,
+)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +88,15 @@ def test_category_ndcg_by_hand():
     assert category_ndcg(np.array([[3.0, 2.0, 1.0], [0, 0, 0]]), rel, k=2) == pytest.approx(1.0)
     got = category_ndcg(np.array([[2.0, 3.0, 1.0], [0, 0, 0]]), rel, k=2)
     assert got == pytest.approx((0.5 + 1 / np.log2(3)) / (1 + 0.5 / np.log2(3)))
+
+
+def test_category_overlap_by_hand():
+    same = np.tile([3.0, 2.0, 1.0, 0.0], (3, 1))
+    assert category_overlap(same, k=2) == 1.0  # everyone gets the same top 2 (a global ranking)
+    assert category_overlap(np.array([[3.0, 2.0, 0, 0], [0, 0, 3.0, 2.0]]), k=2) == 0.0
+    # pairs: {0,1}-{0,2}: 1/3; {0,1}-{0,1}: 1; {0,2}-{0,1}: 1/3 -> mean 5/9
+    rows = np.array([[3.0, 2.0, 1.0, 0], [3.0, 1.0, 2.0, 0], [3.0, 2.0, 1.0, 0]])
+    assert category_overlap(rows, k=2) == pytest.approx(5 / 9)
 
 
 def test_in_graph_knn_ranks_like_item_knn(movielens):
