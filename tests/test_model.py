@@ -69,7 +69,9 @@ def test_category_scores_mix_the_head_with_the_history_shares():
         head = torch.sigmoid(model.category_logits(interest, shares))
         torch.testing.assert_close(model.category_scores(interest, x["item_ids"]), 0.4 * head + 0.6 * shares)
         assert shares[1:].sum() > 0  # the histories do carry genres
-        model.cfg.category_history = False
+        model.cfg.category_share_mix = 0.0
+        torch.testing.assert_close(model.category_scores(interest, x["item_ids"]), head)
+        model.cfg.category_share_mix, model.cfg.category_history = 0.6, False
         no_history = torch.sigmoid(model.category_head(interest))
         torch.testing.assert_close(model.category_scores(interest, x["item_ids"]), no_history)
 
