@@ -56,7 +56,7 @@ def eval_command(
     out: Path = typer.Option(Path("artifacts/eval"), help="results.json (resumable: finished runs are kept)"),
     report: Path = typer.Option(Path("docs/model-results.md"), help="markdown report; the chart is written beside it"),
 ) -> None:
-    """Next-item and next-session evaluation vs popularity, item-kNN, SASRec and ablations; prints RESULT last."""
+    """Next-item and next-session evaluation vs popularity, item-kNN, EASE, SASRec and ablations; RESULT last."""
     from models.evaluate import DEFAULT_VARIANTS, result_line, run, summary_lines
 
     variants = tuple(variant) or DEFAULT_VARIANTS

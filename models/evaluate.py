@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.baselines import ItemKNN, KnnPopularity, Popularity, genre_baselines
+from models.baselines import Ease, ItemKNN, KnnPopularity, Popularity, genre_baselines
 from models.data import Dataset, Split, load, session_validation, split
 from models.ranking import (
     category_ndcg,
@@ -51,10 +51,11 @@ DEFAULT_VARIANTS = ("model", "sasrec", "sasrec_knn")
 #: the sasrec row itself: same Transformer, the kNN scorer is fitted after training).
 ALONE = {"model": "transformer_only"}
 #: The RESULT line's best baseline is the best of these, per metric.
-BASELINES = ("popularity", "item_knn", "knn_popularity", "sasrec")
+BASELINES = ("popularity", "item_knn", "ease", "knn_popularity", "sasrec")
 CATEGORY_BASELINES = ("history_genres", "global_genres")
 METRICS = ("ndcg10", "recall10", "mrr", "ns_recall20", "ns_ndcg20", "cat_ndcg5", "cat_overlap3")
 KNN_DECAYS = (1.0, 0.95, 0.9, 0.8, 0.7, 0.5)
+EASE_LAMBDAS = (30.0, 100.0, 300.0, 1000.0)
 POPULARITY_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
 
 
@@ -73,6 +74,9 @@ def run_baselines(ds: Dataset, sp: Split) -> dict[str, dict]:
     out = {"popularity": {"metrics": baseline_metrics(Popularity(sp.train, ds.vocab), ds, sp)}}
     best = max(KNN_DECAYS, key=lambda d: _val_ndcg(ItemKNN(sp.train, ds.vocab, d), ds, sp))  # tuned on validation
     out["item_knn"] = {"metrics": baseline_metrics(ItemKNN(sp.train, ds.vocab, best), ds, sp), "decay": best}
+    lam, decay = tune_ease(ds, sp)
+    ease = Ease(sp.train, ds.vocab, lam, decay)
+    out["ease"] = {"metrics": baseline_metrics(ease, ds, sp), "lam": lam, "decay": decay}
     decay, weight = tune_knn_popularity(ds)
     hybrid = KnnPopularity(sp.train, ds.vocab, decay, weight)
     out["knn_popularity"] = {"metrics": baseline_metrics(hybrid, ds, sp), "decay": decay, "weight": weight}
@@ -80,6 +84,17 @@ def run_baselines(ds: Dataset, sp: Split) -> dict[str, dict]:
     for name, scores in genre_baselines(sp.train, sp.ns_inputs, ds.vocab, ds.item_categories).items():
         out[name] = {"metrics": {"cat_ndcg5": category_ndcg(scores, rel, 5), "cat_overlap3": category_overlap(scores)}}
     return out
+
+
+def tune_ease(ds: Dataset, sp: Split) -> tuple[float, float]:
+    """EASE's regularization and history recency decay by validation NDCG@10 (as item-kNN's decay)."""
+    ndcg = {}
+    for lam in EASE_LAMBDAS:
+        ease = Ease(sp.train, ds.vocab, lam)  # the solve once per lam; the decay only weights the history
+        for decay in KNN_DECAYS:
+            ease.decay = decay
+            ndcg[lam, decay] = _val_ndcg(ease, ds, sp)
+    return max(ndcg, key=ndcg.get)
 
 
 def tune_knn_popularity(ds: Dataset) -> tuple[float, float]:
@@ -210,10 +225,11 @@ def write_report(summary, results: dict, report: Path) -> None:
         f"({len(cfg['seed'])} seeds, at most {cfg['max_epochs']} epochs or {cfg['max_minutes']:g} minutes each, early "
         "stopping on validation); "
         "baselines are deterministic. `transformer_only` = the `model` runs scored with the in-graph kNN weight set "
-        "to 0. `knn_popularity` = item-kNN + popularity, both scaled to [0, 1], decay and weight tuned on held-out "
-        "penultimate sessions (a next-session baseline). Genre NDCG@5: category scores against the genre shares of "
-        "the next session. Genre overlap: mean Jaccard overlap of two users' top 3 genres (1 = everyone gets the same; "
-        "lower = more personal; the users' true next sessions: about 0.31). See docs/model.md.",
+        "to 0. `ease` = EASE (Steck 2019) on recency-weighted histories, regularization and decay tuned on "
+        "validation. `knn_popularity` = item-kNN + popularity, both scaled to [0, 1], decay and weight tuned on "
+        "held-out penultimate sessions (a next-session baseline). Genre NDCG@5: category scores against the genre "
+        "shares of the next session. Genre overlap: mean Jaccard overlap of two users' top 3 genres (1 = everyone "
+        "gets the same; lower = more personal; the users' true next sessions: about 0.31). See docs/model.md.",
         "",
         "| variant | NDCG@10 | Recall@10 | MRR | next-session Recall@20 | next-session NDCG@20 | genre NDCG@5 "
         "| genre overlap |",

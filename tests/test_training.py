@@ -11,7 +11,7 @@ import torch
 
 from core.encoding import OOV, PAD, encode_batch
 from core.sessions import fingerprint, state_from_events
-from models.baselines import ItemKNN, KnnPopularity, Popularity
+from models.baselines import Ease, ItemKNN, KnnPopularity, Popularity, interactions, recency_weighted
 from models.data import HISTORY, load_movielens, load_otto, prefix, session_validation, split
 from models.datasets import by_user, otto_events
 from models.ranking import (
@@ -135,6 +135,24 @@ def test_baselines_rank_sensibly(movielens):
     np.testing.assert_allclose(hybrid, unit + 0.5 * pop / pop.max(), rtol=1e-5, atol=1e-6)  # the two scaled to [0, 1]
     mask = seen_mask(sp.test_inputs[:3], ds.vocab)
     assert mask[:, [PAD, OOV]].all() and mask[0].sum() == len(sp.test_inputs[0]) + 2
+
+
+@pytest.mark.parametrize("n_items", [None, 20])  # all items (users < items: Woodbury), 20 + OOV (the items inverse)
+def test_ease_is_the_closed_form(movielens, n_items):
+    """EASE's scores are h B with B = I - P diag(1/diag P), diag(B) = 0, P = (X^T X + lam I)^-1, whichever side is
+    inverted."""
+    from core.encoding import Vocabulary
+
+    states = movielens.states[:30]
+    items = sorted({i for s in states for i in s.items})
+    vocab = Vocabulary(items[:n_items] if n_items else items)
+    x = interactions(states, vocab).astype(np.float64)
+    assert (len(x) < x.shape[1]) == (n_items is None)
+    p = np.linalg.inv(x.T @ x + 5.0 * np.eye(x.shape[1]))
+    b = -p / np.diag(p)
+    np.fill_diagonal(b, 0.0)
+    want = recency_weighted(states[:5], vocab, 0.9) @ b
+    np.testing.assert_allclose(Ease(states, vocab, lam=5.0, decay=0.9).scores(states[:5], vocab), want, atol=1e-6)
 
 
 def test_train_save_load_roundtrip(movielens, tmp_path):
