@@ -76,6 +76,23 @@ class Ease:
         return (h - hp / self.diag_p).astype(np.float32)  # (h B)_j = h_j - (h P)_j / P_jj
 
 
+def ease_factors(
+    train: Sequence[UserState], vocab: Vocabulary, lam: float, rank: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """EASE in the in-graph scorer's factored form: h B = (h A) G^T + h * e with A = X^T, G = X^T K / (lam P_jj)
+    and e = 1 - 1 / (lam P_jj), each [n_items, rank] / [n_items]. EASE depends on X only through X^T X, so with
+    more training users than `rank`, X is replaced by its rank-`rank` truncated SVD (Sigma V^T), exact below it."""
+    x = interactions(train, vocab).astype(np.float64)
+    if len(x) > rank:
+        _, sv, vt = np.linalg.svd(x, full_matrices=False)
+        x = sv[:rank, None] * vt[:rank]
+    xk = np.linalg.solve(x @ x.T + lam * np.eye(len(x)), x)  # K X, K = (X X^T + lam I)^-1
+    c = 1.0 / (1.0 - np.einsum("ui,ui->i", x, xk))  # 1 / (lam P_jj): P_jj = (1 - (X^T K X)_jj) / lam
+    pad = ((0, 0), (0, rank - len(x)))
+    a, g = np.pad(x.T, pad), np.pad(xk.T * c[:, None], pad)
+    return a.astype(np.float32), g.astype(np.float32), (1.0 - c).astype(np.float32)
+
+
 class KnnPopularity:
     """Item-kNN evidence scaled to [0, 1] per user (as the model's in-graph scorer) + `weight` x popularity scaled
     to [0, 1]: a hybrid for the *next session*, whose first items lean on what is popular (docs/model.md)."""

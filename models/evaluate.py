@@ -35,19 +35,24 @@ VARIANTS: dict[str, dict] = {
         "use_session_pos": False, "use_time_gaps": False, "use_fusion": False, "item_bias": False, "knn_rank": 0,
         "category_history": False,
     },
-    # SASRec's Transformer with our in-graph kNN scorer: what the session/time/bias features add to the fused model
+    # SASRec's Transformer with the in-graph item-kNN scorer (the model's until EASE replaced it, docs/model.md)
     "sasrec_knn": {
+        "use_session_pos": False, "use_time_gaps": False, "use_fusion": False, "item_bias": False,
+        "category_history": False, "history_scorer": "knn",
+    },
+    "sasrec_ease": {  # the same with the model's EASE scorer: what the session/time/bias features add to it
         "use_session_pos": False, "use_time_gaps": False, "use_fusion": False, "item_bias": False,
         "category_history": False,
     },
+    "knn_scorer": {"history_scorer": "knn"},  # the model with the item-kNN scorer it served before EASE
     "no_session_pos": {"use_session_pos": False},
     "no_time_gaps": {"use_time_gaps": False},
     "with_fusion": {"use_fusion": True},  # fusion is off by default, so its ablation adds it
 }  # fmt: skip
-#: What `interest-stream eval` trains by default: our model, the SASRec baseline and SASRec + kNN, 3 seeds each
+#: What `interest-stream eval` trains by default: our model, the SASRec baseline and SASRec + EASE, 3 seeds each
 #: (about an hour on 2 cores); the other ablations run with `--variant` (their last numbers: docs/model.md).
-DEFAULT_VARIANTS = ("model", "sasrec", "sasrec_knn")
-#: Rows derived without training: a variant's own runs scored with the kNN mixing weight set to 0 (sasrec_knn's is
+DEFAULT_VARIANTS = ("model", "sasrec", "sasrec_ease")
+#: Rows derived without training: a variant's own runs scored with the item-item weight set to 0 (sasrec_ease's is
 #: the sasrec row itself: same Transformer, the kNN scorer is fitted after training).
 ALONE = {"model": "transformer_only"}
 #: The RESULT line's best baseline is the best of these, per metric.

@@ -69,7 +69,7 @@ class ServingModel(nn.Module):
         self, item_ids: Tensor, event_types: Tensor, session_pos: Tensor, time_gaps: Tensor, scenarios: Tensor
     ) -> tuple[Tensor, ...]:
         interest, weights, per_scenario = self.model.serve(item_ids, event_types, session_pos, time_gaps, scenarios)
-        history = self.model.history_scores(item_ids)  # the kNN evidence: once, whatever the scenarios
+        history = self.model.history_scores(item_ids)  # the item-item evidence: once, whatever the scenarios
         seen = torch.zeros_like(history).scatter(1, item_ids, _SEEN_PENALTY) if self.filter_seen else None
         top_items, top_scores = self.top(interest, history, seen)
         out = (interest, top_items, top_scores, self.model.category_scores(interest, item_ids), weights)

@@ -49,7 +49,8 @@ class ModelConfig:
     use_time_gaps: bool = True
     use_fusion: bool = False  # off: the ablation did not show it helping (docs/model-results.md)
     item_bias: bool = True  # a learned per-item logit bias (popularity prior)
-    knn_rank: int = 0  # columns of the in-graph item-kNN factors F (similarity = F F^T); 0 = no kNN scorer
+    knn_rank: int = 0  # columns of the in-graph item-item factors; 0 = no history scorer
+    history_scorer: str = "knn"  # the in-graph item-item scorer: "knn" (cosine) or "ease" (Steck 2019)
     category_history: bool = True  # category logits also see the history's genre shares
     category_share_mix: float = 0.0  # with category_history: served score = (1 - mix) sigmoid(head) + mix share
     n_scenarios: int = 0  # len(EncoderConfig.scenarios): the interest can be asked per known scenario
@@ -166,12 +167,16 @@ class InterestTransformer(nn.Module):
         # Genre shares of the history: each category logit gets w_c * (share of history items with genre c).
         self.category_hist_weight = nn.Parameter(torch.zeros(cfg.n_categories)) if cfg.category_history else None
         self.register_buffer("item_categories", torch.zeros(cfg.n_items, cfg.n_categories))  # set by training
-        # In-graph item-kNN: the item-item cosine similarity in factored form S = F F^T (F [n_items, rank] = the
-        # transposed column-normalized training user x item matrix, exact; or a truncated SVD of it), its recency
-        # decay and mixing weight, all set after training (tuned on validation, see models.train).
+        # In-graph item-item scorer, set after training (tuned on validation, see models.train). kNN: the cosine
+        # similarity in factored form S = F F^T (F [n_items, rank] = the transposed column-normalized training user
+        # x item matrix, exact; or a truncated SVD of it). EASE (the default since it beat kNN on validation,
+        # docs/model.md): three buffers. Both: a recency decay and a mixing weight.
         self.register_buffer("knn_factors", torch.zeros(cfg.n_items, cfg.knn_rank))
         self.register_buffer("knn_decay", torch.tensor(0.8))
         self.register_buffer("knn_weight", torch.tensor(0.0))
+        if cfg.history_scorer == "ease":  # EASE: knn_factors holds X^T, these the rest (models.baselines.ease_factors)
+            self.register_buffer("ease_out", torch.zeros(cfg.n_items, cfg.knn_rank))
+            self.register_buffer("ease_self", torch.zeros(cfg.n_items))
         nn.init.normal_(self.item_emb.weight, std=d**-0.5)  # unit-norm rows: logits start at +-scale
         for emb in (self.type_emb, self.gap_emb, self.pos_emb):
             nn.init.normal_(emb.weight, std=0.02)  # small next to the items (default N(0, 1) drowns them)
@@ -277,8 +282,9 @@ class InterestTransformer(nn.Module):
         return logits if self.item_bias is None else logits + self.item_bias
 
     def knn_scores(self, item_ids: Tensor) -> Tensor:
-        """[B, n_items] item-kNN evidence in [0, 1]: sum over the history of decay^(events back) * sim(item, .)
-        with S = F F^T, an item's similarity to itself left out, divided by the row maximum (0 when empty).
+        """[B, n_items] item-item evidence from the history h (decay^(events back) per event), divided by the row
+        maximum (0 when empty). kNN: h S with S = F F^T, an item's similarity to itself left out. EASE: h B, computed
+        as (h X^T) ease_out^T + h * ease_self (models.baselines.ease_factors), the same scores as the Ease baseline.
 
         Written so the exported graph holds F once: rows are gathered and F multiplies from the left (a constant
         F^T or F * F would be folded into extra copies of the largest initializer)."""
@@ -288,18 +294,22 @@ class InterestTransformer(nn.Module):
         w = self.knn_decay.pow(back) * (item_ids != PAD).to(f.dtype)  # [B, L]
         rows = f[item_ids]  # [B, L, rank]
         user = (rows * w.unsqueeze(-1)).sum(1)  # [B, rank]: the history in factor space
-        self_sim = (rows * rows).sum(-1) * w  # [B, L]: the diagonal of S, per history event
-        out = (f @ user.T).T.scatter_add(1, item_ids, -self_sim)
+        if self.cfg.history_scorer == "ease":
+            h = torch.zeros(item_ids.shape[0], f.shape[0], dtype=f.dtype, device=f.device).scatter_add(1, item_ids, w)
+            out = (self.ease_out @ user.T).T + h * self.ease_self
+        else:
+            self_sim = (rows * rows).sum(-1) * w  # [B, L]: the diagonal of S, per history event
+            out = (f @ user.T).T.scatter_add(1, item_ids, -self_sim)
         return out / out.amax(1, keepdim=True).clamp(min=1e-6)
 
     def item_scores(self, interest: Tensor, item_ids: Tensor) -> Tensor:
-        """[B, n_items] next-item scores for the histories `item_ids`: Transformer logits + knn_weight * kNN
-        evidence; PAD and OOV are -inf."""
+        """[B, n_items] next-item scores for the histories `item_ids`: Transformer logits + knn_weight * the
+        item-item (EASE or kNN) evidence; PAD and OOV are -inf."""
         return self.item_logits(interest) + self.history_scores(item_ids)
 
     def history_scores(self, item_ids: Tensor) -> Tensor:
-        """The part of `item_scores` that depends on the history alone (knn_weight * kNN evidence, PAD and OOV
-        -inf): computed once when several interests of one history are scored."""
+        """The part of `item_scores` that depends on the history alone (knn_weight * item-item evidence, PAD and
+        OOV -inf): computed once when several interests of one history are scored."""
         if self.cfg.knn_rank > 0:
             return self.item_mask + self.knn_weight * self.knn_scores(item_ids)
         return self.item_mask.expand(item_ids.shape[0], -1)

@@ -1,7 +1,7 @@
 """Training: every position predicts the next item (full softmax cross-entropy over the vocabulary; sampled softmax
 optional) plus the genres of the next items (BCE, small weight); the first event of each window is predicted by
-the cold vector. Early stopping on validation NDCG@10 (full ranking), best weights kept, then the in-graph kNN
-scorer is fitted on validation; CUDA when present.
+the cold vector. Early stopping on validation NDCG@10 (full ranking), best weights kept, then the in-graph item-item
+scorer (EASE by default, item-kNN optional) is fitted on validation; CUDA when present.
 
     interest-stream train --out artifacts/model
 """
@@ -48,7 +48,8 @@ class TrainConfig:
     item_bias: bool = True
     category_history: bool = True
     category_share_mix: float = 0.6  # picked on held-out penultimate sessions (docs/model.md)
-    knn_rank: int = 1024  # in-graph item-kNN factor columns (exact up to this many training users); 0 = none
+    knn_rank: int = 1024  # in-graph item-item factor columns (exact up to this many training users); 0 = none
+    history_scorer: str = "ease"  # in-graph item-item scorer fused with the Transformer: "ease" or "knn"
     batch_size: int = 16  # small data: many small steps beat few large ones on CPU
     lr: float = 2e-3
     weight_decay: float = 0.0
@@ -235,7 +236,7 @@ def train(
     flags = {k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads", "dropout")}
     flags |= {k: getattr(cfg, k) for k in ("use_session_pos", "use_time_gaps", "use_fusion", "item_bias")}
     flags |= {"knn_rank": min(cfg.knn_rank, len(sp.train)), "category_history": cfg.category_history}
-    flags |= {"category_share_mix": cfg.category_share_mix}
+    flags |= {"category_share_mix": cfg.category_share_mix, "history_scorer": cfg.history_scorer}
     mcfg = ModelConfig.for_encoder(enc, len(ds.vocab), n_categories=len(ds.categories), **flags)
     model = InterestTransformer(mcfg).to(device)
     item_cats = torch.from_numpy(ds.item_categories).to(device) if ds.item_categories is not None else None
@@ -314,29 +315,46 @@ def train(
 
 KNN_DECAYS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 KNN_WEIGHTS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
+EASE_LAMBDAS = (100.0, 300.0, 1000.0)
 
 
 @torch.no_grad()
 def fit_knn(model: InterestTransformer, ds: Dataset, sp: Split, enc: EncoderConfig) -> dict[str, float]:
-    """Fill the in-graph kNN scorer: the similarity factors from the training histories, then its recency decay
-    and mixing weight by grid search on the VALIDATION targets (NDCG@10). Weight 0 = the Transformer alone."""
-    from models.baselines import knn_factors
+    """Fill the in-graph item-item scorer from the training histories (kNN similarity factors, or EASE's for each
+    of EASE_LAMBDAS), then pick its recency decay, mixing weight (and EASE's lambda) by grid search on the
+    VALIDATION targets (NDCG@10). Weight 0 = the Transformer alone."""
+    from models.baselines import ease_factors, knn_factors
 
-    model.knn_factors.copy_(torch.from_numpy(knn_factors(sp.train, ds.vocab, model.cfg.knn_rank)))
     device = next(model.parameters()).device
     x = to_tensors(sp.val_inputs, ds.vocab, enc, device)
     seen = torch.from_numpy(seen_mask(sp.val_inputs, ds.vocab)).to(device)
     base = model.item_logits(model(**x)).masked_fill(seen, float("-inf"))
-    best = (-1.0, 0.0, 1.0)
-    for decay in KNN_DECAYS:
-        model.knn_decay.fill_(decay)
-        knn = model.knn_scores(x["item_ids"])
-        for w in KNN_WEIGHTS:
-            v = next_item_metrics((base + w * knn).cpu().numpy(), sp.val_targets, 10)["ndcg10"]
-            best = max(best, (v, w, decay))
+    ease = model.cfg.history_scorer == "ease"
+
+    def fill(lam: float) -> None:
+        if not ease:
+            model.knn_factors.copy_(torch.from_numpy(knn_factors(sp.train, ds.vocab, model.cfg.knn_rank)))
+            return
+        for buf, v in zip(
+            ("knn_factors", "ease_out", "ease_self"),
+            ease_factors(sp.train, ds.vocab, lam, model.cfg.knn_rank),
+            strict=True,
+        ):
+            getattr(model, buf).copy_(torch.from_numpy(v))
+
+    best = (-1.0, 0.0, 1.0, 0.0)
+    for lam in EASE_LAMBDAS if ease else (0.0,):
+        fill(lam)
+        for decay in KNN_DECAYS:
+            model.knn_decay.fill_(decay)
+            knn = model.knn_scores(x["item_ids"])
+            for w in KNN_WEIGHTS:
+                v = next_item_metrics((base + w * knn).cpu().numpy(), sp.val_targets, 10)["ndcg10"]
+                best = max(best, (v, w, decay, lam))
+    fill(best[3])
     model.knn_weight.fill_(best[1])
     model.knn_decay.fill_(best[2])
-    return {"val_ndcg10": best[0], "weight": best[1], "decay": best[2]}
+    return {"val_ndcg10": best[0], "weight": best[1], "decay": best[2]} | ({"lam": best[3]} if ease else {})
 
 
 def save(ckpt: Checkpoint, out: Path, history: dict[str, list[float]]) -> None:

@@ -149,8 +149,10 @@ def test_export_command_from_a_saved_checkpoint(tiny_checkpoint, tmp_path) -> No
     assert meta_out["model_version"].startswith("tiny-")
 
 
-def test_onnx_equals_eager_with_knn_item_bias_and_genre_shares(tmp_path) -> None:
-    """The in-graph scorers (factored kNN, item bias, history genre shares) export like the rest, F stored once."""
+@pytest.mark.parametrize("scorer", ["knn", "ease"])
+def test_onnx_equals_eager_with_item_scorer_item_bias_and_genre_shares(tmp_path, scorer) -> None:
+    """The in-graph scorers (factored kNN or EASE, item bias, history genre shares) export like the rest, each
+    factor matrix stored once."""
     import onnx
 
     from core.encoding import EncoderConfig
@@ -159,10 +161,15 @@ def test_onnx_equals_eager_with_knn_item_bias_and_genre_shares(tmp_path) -> None
 
     torch.manual_seed(0)
     enc = EncoderConfig(max_len=200)
-    mcfg = ModelConfig.for_encoder(enc, TINY_ITEMS, n_categories=5, d_model=16, knn_rank=8, category_share_mix=0.6)
+    mcfg = ModelConfig.for_encoder(
+        enc, TINY_ITEMS, n_categories=5, d_model=16, knn_rank=8, category_share_mix=0.6, history_scorer=scorer
+    )
     model = InterestTransformer(mcfg).eval()
     with torch.no_grad():
         model.knn_factors.copy_(torch.rand(model.knn_factors.shape))
+        if scorer == "ease":
+            model.ease_out.copy_(torch.rand(model.ease_out.shape))
+            model.ease_self.copy_(torch.rand(model.ease_self.shape))
         model.knn_decay.fill_(0.8)
         model.knn_weight.fill_(5.0)
         model.item_bias.normal_()
@@ -171,7 +178,7 @@ def test_onnx_equals_eager_with_knn_item_bias_and_genre_shares(tmp_path) -> None
     serving = ServingModel(model, 20)
     path = export_onnx(serving, tmp_path / "model.onnx", enc.max_len)
     big = [t.dims for t in onnx.load(str(path)).graph.initializer if np.prod(t.dims) == TINY_ITEMS * 8]
-    assert big == [[TINY_ITEMS, 8]], big  # no folded transposed or squared copy of the factors
+    assert big == [[TINY_ITEMS, 8]] * (2 if scorer == "ease" else 1), big  # no folded transposed or squared copy
     x = every_length(enc.max_len, seed=2)
     x["scenarios"] = np.minimum(x["scenarios"], 1)  # this model knows no scenario: all encode as none
     assert serving.output_names == OUTPUT_NAMES

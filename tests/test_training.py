@@ -99,28 +99,42 @@ def test_category_overlap_by_hand():
     assert category_overlap(rows, k=2) == pytest.approx(5 / 9)
 
 
-def test_in_graph_knn_ranks_like_item_knn(movielens):
-    """With exact factors (rank >= training users), the model's in-graph kNN evidence is ItemKNN's score."""
+@pytest.mark.parametrize("scorer", ["knn", "ease"])
+def test_in_graph_scorer_ranks_like_its_baseline(movielens, scorer):
+    """With exact factors (rank >= training users), the model's in-graph evidence is ItemKNN's / Ease's score."""
     from core.encoding import EncoderConfig, Vocabulary
-    from models.baselines import knn_factors
+    from models.baselines import ease_factors, knn_factors
     from models.model import InterestTransformer, ModelConfig
 
     states = movielens.states[:12]
     vocab = Vocabulary(sorted({i for s in states for i in s.items}))
     enc = EncoderConfig(max_len=200)
-    cfg = ModelConfig.for_encoder(enc, len(vocab), n_categories=2, knn_rank=16, d_model=8)
+    cfg = ModelConfig.for_encoder(enc, len(vocab), n_categories=2, knn_rank=16, d_model=8, history_scorer=scorer)
     model = InterestTransformer(cfg).eval()
     with torch.no_grad():
-        model.knn_factors.copy_(torch.from_numpy(knn_factors(states, vocab, 16)))
+        if scorer == "knn":
+            model.knn_factors.copy_(torch.from_numpy(knn_factors(states, vocab, 16)))
+        else:
+            for name, v in zip(
+                ("knn_factors", "ease_out", "ease_self"), ease_factors(states, vocab, 5.0, 16), strict=True
+            ):
+                getattr(model, name).copy_(torch.from_numpy(v))
         model.knn_decay.fill_(0.9)
     inputs = [prefix(s, min(len(s), 150)) for s in states]  # within the window: the same events as ItemKNN sees
     x = torch.from_numpy(encode_batch(inputs, vocab, enc)["item_ids"])
     with torch.no_grad():
         got = model.knn_scores(x).numpy()
-    want = ItemKNN(states, vocab, decay=0.9).scores(inputs, vocab)
+    if scorer == "knn":
+        want = ItemKNN(states, vocab, decay=0.9).scores(inputs, vocab)
+    else:
+        want = Ease(states, vocab, lam=5.0, decay=0.9).scores(inputs, vocab)
     unseen = ~seen_mask(inputs, vocab)
     for g, w, m in zip(got, want, unseen, strict=True):
         np.testing.assert_allclose(g[m] / g[m].max(), w[m] / w[m].max(), atol=1e-4)
+    if scorer == "ease":  # seen items too: EASE's B has a zero diagonal, the graph the same cancellation
+        np.testing.assert_allclose(
+            got * np.abs(want).max(1, keepdims=True), want * np.abs(got).max(1, keepdims=True), atol=1e-4
+        )
 
 
 def test_baselines_rank_sensibly(movielens):
@@ -165,7 +179,7 @@ def test_train_save_load_roundtrip(movielens, tmp_path):
     for name in ("checkpoint.pt", "vocab.json", "categories.json", "metrics.json", "train_curve.png"):
         assert (tmp_path / name).stat().st_size > 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["data_hash"] == ds.data_hash and set(metrics["knn"]) == {"val_ndcg10", "weight", "decay"}
+    assert metrics["data_hash"] == ds.data_hash and set(metrics["knn"]) == {"val_ndcg10", "weight", "decay", "lam"}
     assert 0 <= metrics["test_metrics"]["cat_ndcg5"] <= 1 and "test_metrics_alone" in metrics
     assert ckpt.model.knn_factors.max() > 0 and ckpt.model.item_categories.sum() > 0  # filled, and saved with it
     loaded = load_checkpoint(tmp_path)
