@@ -53,7 +53,7 @@ VARIANTS: dict[str, dict] = {
 #: (about an hour on 2 cores); the other ablations run with `--variant` (their last numbers: docs/model.md).
 DEFAULT_VARIANTS = ("model", "sasrec", "sasrec_ease")
 #: Rows derived without training: a variant's own runs scored with the item-item weight set to 0 (sasrec_ease's is
-#: the sasrec row itself: same Transformer, the kNN scorer is fitted after training).
+#: the sasrec row itself: same Transformer, the item-item scorer is fitted after training).
 ALONE = {"model": "transformer_only"}
 #: The RESULT line's best baseline is the best of these, per metric.
 BASELINES = ("popularity", "item_knn", "ease", "knn_popularity", "sasrec")
@@ -229,8 +229,8 @@ def write_report(summary, results: dict, report: Path) -> None:
         "(all of them, seen items filtered). Neural rows: mean ± std over seeds "
         f"({len(cfg['seed'])} seeds, at most {cfg['max_epochs']} epochs or {cfg['max_minutes']:g} minutes each, early "
         "stopping on validation); "
-        "baselines are deterministic. `transformer_only` = the `model` runs scored with the in-graph kNN weight set "
-        "to 0. `ease` = EASE (Steck 2019) on recency-weighted histories, regularization and decay tuned on "
+        "baselines are deterministic. `transformer_only` = the `model` runs scored with the item-item scorer's weight "
+        "set to 0. `ease` = EASE (Steck 2019) on recency-weighted histories, regularization and decay tuned on "
         "validation. `knn_popularity` = item-kNN + popularity, both scaled to [0, 1], decay and weight tuned on "
         "held-out penultimate sessions (a next-session baseline). Genre NDCG@5: category scores against the genre "
         "shares of the next session. Genre overlap: mean Jaccard overlap of two users' top 3 genres (1 = everyone "
@@ -246,7 +246,8 @@ def write_report(summary, results: dict, report: Path) -> None:
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     runs = [f"{k} {r['epochs']} epochs / {r['seconds']:.0f} s" for k, r in results["runs"].items()]
-    lines += ["", f"Training runs (2 CPU cores; time includes fitting the kNN scorer and testing): {'; '.join(runs)}."]
+    timing = "2 CPU cores; time includes fitting the item-item scorer and testing"
+    lines += ["", f"Training runs ({timing}): {'; '.join(runs)}."]
     if "model" in summary:
         m = {k: v[0] for k, v in summary["model"].items()}
         ni, ni_v = best_of(summary, BASELINES, "ndcg10")

@@ -55,6 +55,10 @@ class ModelConfig:
     category_share_mix: float = 0.0  # with category_history: served score = (1 - mix) sigmoid(head) + mix share
     n_scenarios: int = 0  # len(EncoderConfig.scenarios): the interest can be asked per known scenario
 
+    def __post_init__(self) -> None:
+        if self.history_scorer not in ("knn", "ease"):
+            raise ValueError(f"history_scorer must be 'knn' or 'ease', not {self.history_scorer!r}")
+
     @classmethod
     def for_encoder(cls, enc: EncoderConfig, n_items: int, **kw) -> ModelConfig:
         sizes = {"n_session_pos": enc.n_session_pos, "n_time_gaps": enc.n_time_gaps, "n_scenarios": len(enc.scenarios)}

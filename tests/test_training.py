@@ -151,6 +151,13 @@ def test_baselines_rank_sensibly(movielens):
     assert mask[:, [PAD, OOV]].all() and mask[0].sum() == len(sp.test_inputs[0]) + 2
 
 
+def test_an_unknown_item_scorer_is_refused() -> None:
+    from models.model import ModelConfig
+
+    with pytest.raises(ValueError, match="history_scorer"):
+        ModelConfig(n_items=10, knn_rank=4, history_scorer="cosine")
+
+
 @pytest.mark.parametrize("n_items", [None, 20])  # all items (users < items: Woodbury), 20 + OOV (the items inverse)
 def test_ease_is_the_closed_form(movielens, n_items):
     """EASE's scores are h B with B = I - P diag(1/diag P), diag(B) = 0, P = (X^T X + lam I)^-1, whichever side is
