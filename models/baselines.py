@@ -54,43 +54,34 @@ def recency_weighted(states: Sequence[UserState], vocab: Vocabulary, decay: floa
 
 class Ease:
     """EASE (Steck 2019), the strongest simple top-N recommender on MovieLens in most comparisons: item weights
-    B = I - P diag(1/diag P), P = (X^T X + lam I)^-1, diagonal of B forced to 0; a history h scores h B. With fewer
-    training users than items, P comes from the users x users inverse (Woodbury), never the items x items one. The
-    history is recency-weighted like ItemKNN's (`decay`; 1.0 = the published, order-free EASE)."""
+    B = I - P diag(1/diag P), P = (X^T X + lam I)^-1, diagonal of B forced to 0; a history h scores h B. Computed
+    in the model's in-graph form (`ease_factors`), so the baseline and the served scorer are one implementation.
+    The history is recency-weighted like ItemKNN's (`decay`; 1.0 = the published, order-free EASE)."""
 
     def __init__(self, train: Sequence[UserState], vocab: Vocabulary, lam: float, decay: float = 1.0) -> None:
-        x = interactions(train, vocab).astype(np.float64)
-        self.x, self.lam, self.decay = x, lam, decay
-        self.p: np.ndarray | None = None
-        self.xk: np.ndarray | None = None
-        if len(x) < x.shape[1]:  # P = (I - X^T (X X^T + lam I)^-1 X) / lam, never materialized
-            self.xk = np.linalg.solve(x @ x.T + lam * np.eye(len(x)), x)
-            self.diag_p = (1.0 - np.einsum("ui,ui->i", x, self.xk)) / lam
-        else:
-            self.p = np.linalg.inv(x.T @ x + lam * np.eye(x.shape[1]))
-            self.diag_p = np.diag(self.p).copy()
+        self.a, self.g, self.e = ease_factors(train, vocab, lam, rank=min(len(train), len(vocab)))  # exact
+        self.decay = decay
 
     def scores(self, states: Sequence[UserState], vocab: Vocabulary) -> np.ndarray:
         h = recency_weighted(states, vocab, self.decay).astype(np.float64)
-        hp = h @ self.p if self.p is not None else (h - (h @ self.x.T) @ self.xk) / self.lam
-        return (h - hp / self.diag_p).astype(np.float32)  # (h B)_j = h_j - (h P)_j / P_jj
+        return ((h @ self.a) @ self.g.T + h * self.e).astype(np.float32)
 
 
 def ease_factors(
     train: Sequence[UserState], vocab: Vocabulary, lam: float, rank: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """EASE in the in-graph scorer's factored form: h B = (h A) G^T + h * e with A = X^T, G = X^T K / (lam P_jj)
-    and e = 1 - 1 / (lam P_jj), each [n_items, rank] / [n_items]. EASE depends on X only through X^T X, so with
-    more training users than `rank`, X is replaced by its rank-`rank` truncated SVD (Sigma V^T), exact below it."""
+    """EASE as h B = (h A) G^T + h * e with A = X^T, G = X^T K / (lam P_jj) and e = 1 - 1 / (lam P_jj) ([n_items,
+    rank] twice, [n_items]; float64), K = (X X^T + lam I)^-1: only a users x users system is solved (Woodbury:
+    P = (I - X^T K X) / lam), never the items x items inverse. EASE depends on X only through X^T X, so with more
+    training users than `rank`, X is replaced by its rank-`rank` truncated SVD (Sigma V^T), exact up to rank(X)."""
     x = interactions(train, vocab).astype(np.float64)
     if len(x) > rank:
         _, sv, vt = np.linalg.svd(x, full_matrices=False)
         x = sv[:rank, None] * vt[:rank]
-    xk = np.linalg.solve(x @ x.T + lam * np.eye(len(x)), x)  # K X, K = (X X^T + lam I)^-1
+    xk = np.linalg.solve(x @ x.T + lam * np.eye(len(x)), x)  # K X
     c = 1.0 / (1.0 - np.einsum("ui,ui->i", x, xk))  # 1 / (lam P_jj): P_jj = (1 - (X^T K X)_jj) / lam
     pad = ((0, 0), (0, rank - len(x)))
-    a, g = np.pad(x.T, pad), np.pad(xk.T * c[:, None], pad)
-    return a.astype(np.float32), g.astype(np.float32), (1.0 - c).astype(np.float32)
+    return np.pad(x.T, pad), np.pad(xk.T * c[:, None], pad), 1.0 - c
 
 
 class KnnPopularity:

@@ -158,10 +158,10 @@ def test_an_unknown_item_scorer_is_refused() -> None:
         ModelConfig(n_items=10, knn_rank=4, history_scorer="cosine")
 
 
-@pytest.mark.parametrize("n_items", [None, 20])  # all items (users < items: Woodbury), 20 + OOV (the items inverse)
+@pytest.mark.parametrize("n_items", [None, 20])  # all items (users < items), 20 + OOV (more users: the SVD reduction)
 def test_ease_is_the_closed_form(movielens, n_items):
-    """EASE's scores are h B with B = I - P diag(1/diag P), diag(B) = 0, P = (X^T X + lam I)^-1, whichever side is
-    inverted."""
+    """EASE's scores are h B with B = I - P diag(1/diag P), diag(B) = 0, P = (X^T X + lam I)^-1, with fewer users
+    than items and with more (X reduced by its SVD first)."""
     from core.encoding import Vocabulary
 
     states = movielens.states[:30]
