@@ -351,7 +351,8 @@ def fit_knn(model: InterestTransformer, ds: Dataset, sp: Split, enc: EncoderConf
             for w in KNN_WEIGHTS:
                 v = next_item_metrics((base + w * knn).cpu().numpy(), sp.val_targets, 10)["ndcg10"]
                 best = max(best, (v, w, decay, lam))
-    fill(best[3])
+    if ease:  # the last lambda tried is not necessarily the best; kNN factors do not depend on it
+        fill(best[3])
     model.knn_weight.fill_(best[1])
     model.knn_decay.fill_(best[2])
     return {"val_ndcg10": best[0], "weight": best[1], "decay": best[2]} | ({"lam": best[3]} if ease else {})
