@@ -25,6 +25,13 @@ def train_command(
     fusion: bool = typer.Option(False, help="long-/short-term session fusion (off by default: see docs/model.md)"),
     session_pos: bool = typer.Option(True, help="session-distance attention bias"),
     time_gaps: bool = typer.Option(True, help="time-gap embeddings"),
+    d_model: int | None = typer.Option(None, help="model width [default: TrainConfig's]"),
+    dropout: float | None = typer.Option(None, help="[default: TrainConfig's]"),
+    weight_decay: float | None = typer.Option(None, help="AdamW [default: TrainConfig's]"),
+    future_weight: float | None = typer.Option(
+        None, help="> 0: also predict items 2..window ahead [default: TrainConfig's]"
+    ),
+    future_window: int | None = typer.Option(None, help="[default: TrainConfig's]"),
     device: str = typer.Option("auto", help="auto = cuda when present, else cpu"),
 ) -> None:
     """Train the interest Transformer: checkpoint.pt, vocab.json, categories.json, metrics.json, train_curve.png."""
@@ -32,6 +39,9 @@ def train_command(
 
     from models.train import TrainConfig, train
 
+    tuning = {"d_model": d_model, "dropout": dropout, "weight_decay": weight_decay}
+    tuning |= {"future_weight": future_weight, "future_window": future_window}
+    overrides = {k: v for k, v in tuning.items() if v is not None}  # unset: the dataclass's defaults, kept in one place
     cfg = TrainConfig(
         dataset=dataset,
         seed=seed,
@@ -41,10 +51,13 @@ def train_command(
         use_session_pos=session_pos,
         use_time_gaps=time_gaps,
         device=device,
+        **overrides,
     )
     ckpt, _ = train(cfg, out=out)
     meta = ckpt.metadata
     typer.echo(f"{out}: {meta['epochs']} epochs in {meta['train_seconds']} s on {meta['device']}")
+    served = meta["knn"].get("val_ndcg10", meta["best_val_ndcg10"])  # no item-item scorer: the Transformer alone
+    typer.echo(f"validation NDCG@10: {served:.4f} served, {meta['best_val_ndcg10']:.4f} Transformer alone")
     typer.echo(f"test: {json.dumps({k: round(v, 4) for k, v in meta['test_metrics'].items()})}")
 
 
@@ -52,7 +65,7 @@ def eval_command(
     seeds: int = typer.Option(3, help="seeds per neural variant (mean ± std)"),
     max_epochs: int = typer.Option(40, help="epoch cap per training run (early stopping usually ends sooner)"),
     max_minutes: float = typer.Option(8.0, help="wall-clock cap per training run (as `train`; 2 busy cores hit it)"),
-    variant: list[str] = typer.Option([], help="variants to train (default: model, sasrec, sasrec_knn; see VARIANTS)"),
+    variant: list[str] = typer.Option([], help="variants to train (default: model, sasrec, sasrec_ease; see VARIANTS)"),
     out: Path = typer.Option(Path("artifacts/eval"), help="results.json (resumable: finished runs are kept)"),
     report: Path = typer.Option(Path("docs/model-results.md"), help="markdown report; the chart is written beside it"),
 ) -> None:

@@ -216,3 +216,31 @@ def test_result_line_names_the_best_baseline_per_metric():
         "RESULT ndcg10=0.0700 best_baseline=item_knn best_baseline_ndcg10=0.0500 recall20_next_session=0.1000 "
         "best_baseline_next_session=knn_popularity best_baseline_recall20_next_session=0.1200"
     )
+
+
+def test_train_command_passes_only_the_tuning_options_given(monkeypatch, tmp_path):
+    """`interest-stream train --dropout 0.3` changes dropout alone; the rest stay TrainConfig's defaults."""
+    from typer.testing import CliRunner
+
+    import models.train
+    from local.cli import app
+    from models.train import TrainConfig
+
+    seen: list[TrainConfig] = []
+
+    def fake_train(cfg, out=None):
+        seen.append(cfg)
+        meta = {"epochs": 1, "train_seconds": 0.0, "device": "cpu", "best_val_ndcg10": 0.05, "knn": {}}
+        return type("Ckpt", (), {"metadata": meta | {"test_metrics": {"ndcg10": 0.04}}})(), {}
+
+    monkeypatch.setattr(models.train, "train", fake_train)
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path), "--dropout", "0.3", "--weight-decay", "0.05"])
+    assert result.exit_code == 0, result.output
+    assert "validation NDCG@10: 0.0500 served, 0.0500 Transformer alone" in result.output
+    defaults = TrainConfig()
+    assert (seen[0].dropout, seen[0].weight_decay) == (0.3, 0.05)
+    assert (seen[0].d_model, seen[0].future_weight, seen[0].future_window) == (
+        defaults.d_model,
+        defaults.future_weight,
+        defaults.future_window,
+    )
