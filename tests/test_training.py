@@ -220,6 +220,8 @@ def test_result_line_names_the_best_baseline_per_metric():
 
 def test_train_command_passes_only_the_tuning_options_given(monkeypatch, tmp_path):
     """`interest-stream train --dropout 0.3` changes dropout alone; the rest stay TrainConfig's defaults."""
+    from types import SimpleNamespace
+
     from typer.testing import CliRunner
 
     import models.train
@@ -231,7 +233,7 @@ def test_train_command_passes_only_the_tuning_options_given(monkeypatch, tmp_pat
     def fake_train(cfg, out=None):
         seen.append(cfg)
         meta = {"epochs": 1, "train_seconds": 0.0, "device": "cpu", "best_val_ndcg10": 0.05, "knn": {}}
-        return type("Ckpt", (), {"metadata": meta | {"test_metrics": {"ndcg10": 0.04}}})(), {}
+        return SimpleNamespace(metadata=meta | {"test_metrics": {"ndcg10": 0.04}}), {}
 
     monkeypatch.setattr(models.train, "train", fake_train)
     result = CliRunner().invoke(app, ["train", "--out", str(tmp_path), "--dropout", "0.3", "--weight-decay", "0.05"])
