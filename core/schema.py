@@ -10,9 +10,11 @@ documented in docs/events.md; `event_json_schema()` emits it as JSON Schema.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Sequence
-from typing import Annotated, Final, Literal
+from itertools import accumulate
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from msgspec import Meta
@@ -28,7 +30,15 @@ MIN_TIMESTAMP_MS: Final = 631_152_000_000  # 1990-01-01T00:00:00Z: older is almo
 #: hyphen, zero-width and bidi controls, word joiners, BOM) that make two ids print alike yet differ.
 #: Patterns end in \Z, not $: msgspec searches with `re`, where $ also matches before a final newline.
 _NOT_IN_ID = r"\s\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb"
-Id = Annotated[str, Meta(min_length=1, max_length=128, pattern=rf"^[^{_NOT_IN_ID}]+\Z")]
+#: The one exception: ZERO WIDTH JOINER (U+200D) directly between two emoji, where it joins an emoji sequence
+#: (👨‍👩‍👧‍👦, 🧑‍🚀, 🏳️‍🌈: the emoji before it may end in the variation selector U+FE0F). Anywhere else it stays invisible
+#: noise and is rejected. "Emoji" here: the pictographic blocks U+1F000-U+1FAFF, misc symbols and dingbats
+#: U+2600-U+27BF, arrows and technical symbols U+2190-U+23FF, and U+2B00-U+2BFF (docs/events.md).
+_EMOJI = r"\u2190-\u23ff\u2600-\u27bf\u2b00-\u2bff\U0001f000-\U0001faff"
+_ZWJ_IN_EMOJI = rf"(?<=[{_EMOJI}\ufe0f])\u200d(?=[{_EMOJI}])"
+Id = Annotated[
+    str, Meta(min_length=1, max_length=128, pattern=rf"^[^{_NOT_IN_ID}]+(?:{_ZWJ_IN_EMOJI}[^{_NOT_IN_ID}]+)*\Z")
+]
 EventType = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{0,31}\Z")]
 TimestampMs = Annotated[int, Meta(ge=MIN_TIMESTAMP_MS)]
 ContextKey = Annotated[str, Meta(min_length=1, max_length=64)]
@@ -76,22 +86,44 @@ class Rejection(msgspec.Struct, frozen=True):
 # The bounded set of rejection reasons (also the `reason` label of the rejected-events metric).
 REASONS: Final = (
     "too_large",  # over event_max_bytes
+    "too_deep",  # arrays and objects nested deeper than MAX_DEPTH
     "invalid_json",  # not UTF-8 JSON, or a key repeated in one object
     "schema",  # missing/unknown field, wrong type, a limit exceeded
     "timestamp_range",  # before 1990 or too far in the future
     "key_mismatch",  # message key is not the user_id
     "late",  # valid, but later than the allowed lateness (see core.sessions)
+    "internal",  # our bug, not the producer's: the worker failed on this message (stream/isolation.py)
 )
 
-_ID_HELP = "1-128 characters, none of them whitespace, a control character or an invisible format character"
+#: Deepest nesting of arrays and objects a message may have. An event is an object holding at most one more
+#: (`context`), a batch envelope adds an array: 3. Deeper input is rejected as `too_deep` before any decoder sees
+#: it, so no recursive decoder (msgspec's, the standard library's) can run out of stack on a producer's input.
+MAX_DEPTH: Final = 8
+
+_ID_HELP = (
+    "1-128 characters, none of them whitespace, a control character or an invisible format character "
+    "(zero-width, bidi, BOM; a zero width joiner only between two emoji)"
+)
 _PATTERN_HELP = {
-    **{f: f"{f} must be {_ID_HELP} (zero-width, bidi, BOM)" for f in ("user_id", "item_id", "event_id")},
+    **{f: f"{f} must be {_ID_HELP}" for f in ("user_id", "item_id", "event_id")},
     "event_type": "event_type must match [a-z][a-z0-9_]{0,31} (lower case, no trailing newline)",
 }
 _FORGET_RESERVED = f"event_type {FORGET!r} is reserved for erasing a user: send it without item_id, value or context"
 _decoder = msgspec.json.Decoder(Event)
 _forget_decoder = msgspec.json.Decoder(Forget)
 _encoder = msgspec.json.Encoder()
+
+
+class _Kind(msgspec.Struct):
+    """What tells a forget from an event, read by structure (other fields are skipped, not validated)."""
+
+    event_type: Any = None
+    item_id: Any = msgspec.UNSET
+    value: Any = msgspec.UNSET
+    context: Any = msgspec.UNSET
+
+
+_kind_decoder = msgspec.json.Decoder(_Kind)
 
 
 def parse_event(
@@ -102,27 +134,31 @@ def parse_event(
     max_future_ms: int = 600_000,
     now_ms: int | None = None,
 ) -> Event | Forget | Rejection:
-    """Validate one message of the events topic. Pure apart from reading the clock when `now_ms` is not given."""
+    """Validate one message of the events topic. Pure apart from reading the clock when `now_ms` is not given.
+    Never raises: whatever the bytes, the answer is a message or a `Rejection`."""
+    try:
+        return _parse_event(raw, key, max_bytes=max_bytes, max_future_ms=max_future_ms, now_ms=now_ms)
+    except Exception as exc:  # a bug of ours (fuzzing found none): the message is still answered, not raised
+        return _internal(exc)
+
+
+def _parse_event(
+    raw: bytes | None, key: bytes | None, *, max_bytes: int, max_future_ms: int, now_ms: int | None
+) -> Event | Forget | Rejection:
     if raw is None:
         return Rejection("invalid_json", "empty message (tombstone)")
     if len(raw) > max_bytes:
         return Rejection("too_large", f"message is {len(raw)} bytes; the limit is {max_bytes}")
+    if (depth := nesting_depth(raw)) > MAX_DEPTH:
+        return _too_deep(depth)
     message: Event | Forget
     try:
-        message = _decoder.decode(raw)
+        message = _decode(raw)
     except msgspec.ValidationError as exc:
-        # A forget has no item_id; its decoder is only tried then, so an ordinary event pays nothing for it.
-        if "missing required field `item_id`" not in str(exc) or (b'"forget"' not in raw and b"\\" not in raw):
-            return _invalid(exc)
-        try:
-            message = _forget_decoder.decode(raw)
-        except msgspec.ValidationError as forget_exc:
-            return _invalid(exc if "$.event_type" in str(forget_exc) else forget_exc)  # not a forget at all
-        except (msgspec.DecodeError, UnicodeDecodeError) as forget_exc:
-            return Rejection("invalid_json", str(forget_exc))
+        return _invalid(exc)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         return Rejection("invalid_json", str(exc))
-    if isinstance(message, Event) and message.event_type == FORGET:
+    if isinstance(message, Event) and message.event_type == FORGET:  # unreachable by _decode; kept as the contract
         return Rejection("schema", _FORGET_RESERVED)
     if (duplicate := _repeated_key(raw, message)) is not None:
         return Rejection("invalid_json", f"key {duplicate!r} appears more than once in one object")
@@ -136,6 +172,44 @@ def parse_event(
     if key is not None and key != message.user_id.encode():
         return Rejection("key_mismatch", f"message key {key[:64]!r} differs from user_id {message.user_id!r}")
     return message
+
+
+def _decode(raw: bytes) -> Event | Forget:
+    """An event, or a forget when its `event_type` is "forget". Only a message that holds the word (or an escape
+    that could spell it) is probed for its kind first, so an ordinary event pays one decode."""
+    if b"forget" in raw or b"\\" in raw:
+        kind = _kind_decoder.decode(raw)
+        if kind.event_type == FORGET:
+            if any(v is not msgspec.UNSET for v in (kind.item_id, kind.value, kind.context)):
+                raise msgspec.ValidationError(_FORGET_RESERVED)
+            return _forget_decoder.decode(raw)
+    return _decoder.decode(raw)
+
+
+#: A JSON string, escapes included; one that never closes runs to the end of the input, as a JSON lexer reads it
+#: (so the scan is linear: no position is tried twice).
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def nesting_depth(raw: bytes) -> int:
+    """How deep arrays and objects nest in `raw`, brackets inside strings not counted: what a recursive decoder
+    would descend into. Linear time, no recursion; a message with few brackets is answered by counting them (it
+    cannot nest deeper than that)."""
+    opens = raw.count(b"[") + raw.count(b"{")
+    if opens <= MAX_DEPTH:
+        return opens
+    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    return max(accumulate(_STEP[b] for b in brackets), default=0)
+
+
+def _too_deep(depth: int) -> Rejection:
+    return Rejection("too_deep", f"arrays and objects nest {depth} deep; the limit is {MAX_DEPTH}")
+
+
+def _internal(exc: BaseException) -> Rejection:
+    return Rejection("internal", f"the parser failed: {type(exc).__name__}: {str(exc)[:512]}")
 
 
 #: Most events one batch envelope may hold (docs/events.md, "Batch envelope").
@@ -164,12 +238,29 @@ def parse_message(
 ) -> list[Part]:
     """Validate one message: an event object, or a batch envelope, a JSON array of 1-500 event objects of one
     user (SDKs buffer and send them so), which divides the per-message cost of the broker and the worker's
-    framework. An envelope's events are validated one by one: a bad one is rejected alone, the others apply."""
+    framework. An envelope's events are validated one by one: a bad one is rejected alone, the others apply.
+    Never raises (tests/test_fuzz_parser.py): whatever the bytes, each part is an event, a forget or a `Rejection`."""
+    try:
+        return _parse_message(raw, key, max_bytes, max_envelope_bytes, max_future_ms, now_ms)
+    except Exception as exc:  # a bug of ours (fuzzing found none): the message is still answered, not raised
+        return [Part(-1, None, _internal(exc))]
+
+
+def _parse_message(
+    raw: bytes | None,
+    key: bytes | None,
+    max_bytes: int,
+    max_envelope_bytes: int,
+    max_future_ms: int,
+    now_ms: int | None,
+) -> list[Part]:
     if raw is None or raw.lstrip(b" \t\r\n")[:1] != b"[":
         return [Part(-1, None, parse_event(raw, key, max_bytes=max_bytes, max_future_ms=max_future_ms, now_ms=now_ms))]
     if len(raw) > max_envelope_bytes:
         detail = f"batch envelope is {len(raw)} bytes; the limit is {max_envelope_bytes}"
         return [Part(-1, None, Rejection("too_large", detail))]
+    if (depth := nesting_depth(raw)) > MAX_DEPTH:
+        return [Part(-1, None, _too_deep(depth))]
     try:
         elements = _envelope_decoder.decode(raw)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
