@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import logging
 import time
+import traceback
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -33,6 +34,7 @@ from core.sessions import Applied, Outcome, UserState, apply_events, decode_stat
 from stream import metrics
 from stream.batching import take_batches
 from stream.inference import InterestModel
+from stream.isolation import Retrier
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -223,27 +225,33 @@ class BatchStep:
         self.dlq_max_bytes, self.stall_s = settings.dlq_max_value_bytes, settings.health_stall_s
         self.on_stage = on_stage or (lambda point, published: None)
         self.published = 0
+        self.sleep = asyncio.sleep  # the retry back-off (tests pass a fake)
         self.started: dict[int, float] = {}  # batches in flight: id -> monotonic start
         self.failing: set[int] = set()  # batches whose last attempt failed (being retried)
 
     async def process_until_done(self, batch: list[EventT]) -> None:
-        """Faust acks a take() batch even when the agent raises, so a failed batch is retried here, never left:
-        a stuck batch stalls its partition loudly (lag alert, /health degraded, ERROR logs) instead of committing
-        lost updates. A retried batch never dead-letters a message twice."""
-        delay_s, seen, me = 0.5, Seen(), id(batch)
+        """Faust acks a take() batch even when the agent raises, so a failed batch is retried here, never left
+        (stream/isolation.py): an outage stalls its partitions loudly (lag alert, /health degraded, ERROR logs)
+        instead of committing lost updates, and a message that fails the step by itself is dead-lettered alone
+        (reason `internal`) while the rest is applied. A retried batch never dead-letters a message twice."""
+        seen, me = Seen(), id(batch)
         self.started[me] = time.monotonic()
         metrics.MESSAGES_READ.inc(len(batch))
+
+        def failed(error: BaseException, size: int) -> None:
+            self.failing.add(me)
+            metrics.BATCH_FAILURES.inc()
+
         try:
-            while True:
-                try:
-                    return await self.process(batch, seen)
-                except Exception:
-                    self.failing.add(me)
-                    metrics.BATCH_FAILURES.inc()
-                    log.exception("batch of %d events failed; retrying in %.1f s (offsets stay uncommitted)",
-                                  len(batch), delay_s)  # fmt: skip
-                    await asyncio.sleep(delay_s)
-                    delay_s = min(2 * delay_s, 30.0)
+            culprits = await Retrier(lambda part: self.process(part, seen), on_failure=failed, sleep=self.sleep).run(
+                batch
+            )
+            if culprits:
+                dead = DeadLetters()
+                for culprit in culprits:
+                    await self.dead_letter(culprit.message, _internal(culprit.error), seen, dead)  # type: ignore[arg-type]
+                await asyncio.gather(*(sent for _, sent in dead))
+                metrics.MESSAGES_ISOLATED.inc(len(culprits))
         finally:
             self.started.pop(me, None)
             self.failing.discard(me)
@@ -396,6 +404,7 @@ class BatchStep:
         value, key = (msg.value or b"") if raw is None else raw, msg.key or b""
         headers = [
             ("dlq.reason", rejection.reason.encode()),
+            *([("dlq.exception", rejection.error.encode()[:4096])] if isinstance(rejection, Internal) else []),
             ("dlq.detail", rejection.detail.encode()[:1024]),
             ("dlq.topic", msg.topic.encode()),
             ("dlq.partition", str(msg.partition).encode()),
@@ -431,6 +440,18 @@ class BatchStep:
             "triton_circuit_open": circuit_open,
             "oldest_batch_s": round(oldest_s, 3),
         }
+
+
+class Internal(Rejection, frozen=True):
+    """Reason `internal`: the step failed on this message by itself (stream/isolation.py); `error` is the
+    exception with its traceback, for the `dlq.exception` header."""
+
+    error: str = ""
+
+
+def _internal(error: Exception) -> Internal:
+    trace = "".join(traceback.format_exception(error))
+    return Internal("internal", f"the worker failed on this message: {type(error).__name__}: {error}", trace[-4096:])
 
 
 def _as_current(event: EventT) -> None:

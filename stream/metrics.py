@@ -43,6 +43,10 @@ TRITON_RETRIES = Counter("interest_triton_retries_total", "Triton requests retri
 BATCH_FAILURES = Counter(
     "interest_batch_failures_total", "Event batches whose processing failed and is retried (offsets held)."
 )
+MESSAGES_ISOLATED = Counter(
+    "interest_messages_isolated_total",
+    "Messages that failed the batch step on their own and were dead-lettered with reason internal.",
+)
 CIRCUIT_OPEN = Gauge("interest_triton_circuit_open", "1 while the Triton circuit breaker is open, else 0.")
 OUTPUTS_PUBLISHED = Counter("interest_outputs_published_total", "Interest records published to the output topic.")
 OUTPUTS_REPUBLISHED = Counter(

@@ -14,6 +14,7 @@ import pytest
 from core.schema import Event, Forget, encode_event
 from core.sessions import UserState, decode_state
 from stream.app import BatchStep
+from stream.inference import TritonUnavailable
 from stream.settings import Settings
 
 T0 = 1_700_000_000_000
@@ -83,7 +84,7 @@ class FakeModel:
         self.calls.append(users)
         if self.fail:
             self.fail -= 1
-            raise RuntimeError("Triton down")
+            raise TritonUnavailable("UNAVAILABLE: Triton down")
         rows = zip(users, states, strict=True)
         return [json.dumps({"user": u, "seq": s.seq, "events": s.events_seen}).encode() for u, s in rows]
 
@@ -143,8 +144,8 @@ def test_a_retried_batch_dead_letters_each_message_once() -> None:
     model = FakeModel(fail=2)
     step, _, dlq, output = make_step(model)
     batch = [FakeEvent(Message(b"a", b"garbage", offset=0)), message("a", 1, 1)]
-    with patch("stream.app.asyncio.sleep", AsyncMock()):
-        asyncio.run(step.process_until_done(batch))
+    step.sleep = AsyncMock()
+    asyncio.run(step.process_until_done(batch))
     assert len(model.calls) == 3 and len(output.sent) == 1
     assert [h["dlq.offset"] for _, _, h in dlq.sent] == [b"0"], "three attempts, one DLQ record"
 
@@ -187,7 +188,7 @@ def test_a_failed_inference_stores_nothing_and_is_retried() -> None:
     model = FakeModel(fail=1)
     step, tables, _, output = make_step(model)
     batch = [message("a", 1, 0)]
-    with pytest.raises(RuntimeError):
+    with pytest.raises(TritonUnavailable):
         asyncio.run(step.process(batch))
     assert tables.states == {} and output.sent == [], "no state moves forward without its record"
     asyncio.run(step.process_until_done(batch))  # the retry loop: the second attempt succeeds
@@ -253,8 +254,8 @@ def test_a_retried_batch_executes_its_forget_once_and_a_forget_with_another_key_
     model = FakeModel(fail=1)
     step, tables, dlq, output = make_step(model)
     batch = [forget("a", 0), message("a", 1, 1), forget("b", 2, key="c")]
-    with patch("stream.app.asyncio.sleep", AsyncMock()):
-        asyncio.run(step.process_until_done(batch))  # inference fails once, after the forget was executed
+    step.sleep = AsyncMock()
+    asyncio.run(step.process_until_done(batch))  # inference fails once, after the forget was executed
     assert tables.deleted == [b"a"] and [(k, v is None) for k, v, _ in output.sent] == [(b"a", True), (b"a", False)]
     assert [h["dlq.reason"] for _, _, h in dlq.sent] == [b"key_mismatch"]
 
@@ -295,11 +296,74 @@ def test_a_late_event_in_an_envelope_is_dead_lettered_alone_once_across_retries_
     model = FakeModel(fail=1)
     step, tables, dlq, output = make_step(model)
     batch = [envelope("a", [raw_event("a", 1), late, raw_event("a", 2)], 0)]
-    with patch("stream.app.asyncio.sleep", AsyncMock()):
-        asyncio.run(step.process_until_done(batch))  # the first attempt fails at inference and is retried
+    step.sleep = AsyncMock()
+    asyncio.run(step.process_until_done(batch))  # the first attempt fails at inference and is retried
     ((_, value, headers),) = dlq.sent
     assert (value, headers["dlq.reason"], headers["dlq.index"]) == (late, b"late", b"1")
     stored = dict(tables.states)
     asyncio.run(step.process(batch))  # read again after a crash: every event of the envelope is a replay
     assert tables.states == stored and len(dlq.sent) == 1 and len(model.calls) == 2
     assert decode_state(stored[b"a"]).events_seen == 2 and len(output.sent) == 2, "published, then republished"
+
+
+# --- No message can fail its batch (issue 24): an outage is retried, a message that fails alone is isolated.
+
+
+def poisoned(item: str, error: type[Exception] = ValueError) -> Any:
+    """`apply_events` that raises for any event of `item`: a bug only one message triggers (injected here, in the
+    test; production code has no such hook)."""
+    from core.sessions import apply_events
+
+    def fold(state: UserState, events: Any, cfg: Any, offsets: Any = None) -> Any:
+        events = list(events)
+        if any(e.item_id == item for e in events):
+            raise error(f"injected fault for {item}")
+        return apply_events(state, events, cfg, offsets)
+
+    return patch("stream.app.apply_events", fold)
+
+
+def test_a_message_that_fails_the_step_by_itself_is_dead_lettered_once_and_the_rest_is_applied() -> None:
+    step, tables, dlq, output = make_step(FakeModel())
+    step.sleep = AsyncMock()
+    bad = Event(user_id="c", item_id="poison", event_type="view", timestamp=T0)
+    poison = FakeEvent(Message(b"c", encode_event(bad), offset=2))
+    batch = [message("a", 1, 0), message("b", 1, 1), poison, message("a", 2, 3), message("d", 1, 4)]
+    with poisoned("poison"):
+        asyncio.run(step.process_until_done(batch))
+    ((key, value, headers),) = dlq.sent
+    assert (key, value, headers["dlq.reason"], headers["dlq.offset"]) == (b"c", poison.message.value, b"internal", b"2")
+    assert b"ValueError: injected fault for poison" in headers["dlq.exception"]
+    assert b"injected fault" in headers["dlq.detail"]
+    assert {k: decode_state(v).events_seen for k, v in tables.states.items()} == {b"a": 2, b"b": 1, b"d": 1}
+    published = [(k, json.loads(v)["seq"]) for k, v, _ in output.sent]
+    assert sorted(published) == [(b"a", 1), (b"a", 2), (b"b", 1), (b"d", 1)], "each user's seqs once, in order"
+    assert step.health()["status"] == "ok"
+
+
+def test_an_outage_is_retried_as_it_is_and_never_isolates_a_message() -> None:
+    model = FakeModel(fail=7)  # TritonUnavailable seven times: more than the two tries before isolating
+    step, tables, dlq, output = make_step(model)
+    step.sleep = AsyncMock()
+    asyncio.run(step.process_until_done([message("a", 1, 0), message("b", 1, 1)]))
+    assert dlq.sent == [] and len(model.calls) == 8 and all(call == ["a", "b"] for call in model.calls)
+    assert len(output.sent) == 2 and set(tables.states) == {b"a", b"b"}
+
+
+def test_when_every_message_fails_alone_none_is_dead_lettered_and_the_batch_is_retried() -> None:
+    """The model breaking for everyone (not an outage type) must not empty the batch into the DLQ."""
+    model = FakeModel()
+    step, tables, dlq, output = make_step(model)
+    rounds = {"left": 9}  # fails nine calls, whatever the users: several isolation rounds, then healthy
+    records = model.records
+
+    async def flaky(users: list[str], states: list[UserState]) -> list[bytes]:
+        if rounds["left"]:
+            rounds["left"] -= 1
+            raise ValueError("the model returned nothing usable")
+        return await records(users, states)
+
+    model.records = flaky  # type: ignore[method-assign]
+    step.sleep = AsyncMock()
+    asyncio.run(step.process_until_done([message("a", 1, 0), message("b", 1, 1)]))
+    assert dlq.sent == [] and set(tables.states) == {b"a", b"b"} and len(output.sent) == 2
