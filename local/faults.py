@@ -1,27 +1,40 @@
-"""Fault injection for the no-lost-update tests, kept out of the production worker.
+"""Fault injection for the reliability tests, kept out of the production worker.
 
-`python -m local.faults` runs the ordinary worker (settings from the environment) and SIGKILLs it at
-`FAULT_KILL_AT` (`before_publish`, `after_publish`, or `after_forget_tables`: a user's state and record deleted,
-the output tombstone not yet sent) once it has published `FAULT_KILL_AFTER_OUTPUTS` records.
+`python -m local.faults` runs the ordinary worker (settings from the environment) with the faults the
+environment names:
+
+* `FAULT_KILL_AT` (`before_publish`, `after_publish`, or `after_forget_tables`: a user's state and record
+  deleted, the output tombstone not yet sent): SIGKILL there once `FAULT_KILL_AFTER_OUTPUTS` records are out.
+* `FAULT_HANG` (`await`: the batch awaits forever, as on a Triton call without a timeout; `block`: the event loop
+  is blocked in a call): the first batch never finishes.
+* `FAULT_POISON_ITEM`: folding any event with that `item_id` raises, a bug that one message triggers.
+
 `local.worker.spawn_worker` runs this module instead of the worker when the environment names a fault; it
 installs `local.longpoll` first when the environment asks for it, as `python -m local.longpoll` would.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
+import stream.app
 from local.longpoll import install_from_env
 from stream.settings import Settings
 from stream.worker import run_worker
 
 POINTS = ("before_publish", "after_publish", "after_forget_tables")
+HANGS = ("await", "block")
+NAMES = ("FAULT_KILL_AT", "FAULT_HANG", "FAULT_POISON_ITEM")  # any of them makes spawn_worker run this module
 log = logging.getLogger(__name__)
 
 
-def kill_at(point: str, after_outputs: int):
+def kill_at(point: str, after_outputs: int) -> Callable[[str, int], None]:
     if point not in POINTS:
         raise ValueError(f"FAULT_KILL_AT must be one of {POINTS}, not {point!r}")
 
@@ -33,9 +46,43 @@ def kill_at(point: str, after_outputs: int):
     return on_stage
 
 
+def hang_in_batch(how: str) -> None:
+    """The batch step never returns: awaiting forever, or holding the event loop."""
+    if how not in HANGS:
+        raise ValueError(f"FAULT_HANG must be one of {HANGS}, not {how!r}")
+
+    async def process(self: Any, batch: Any, *args: Any) -> None:
+        log.error("fault injection: this batch of %d messages hangs forever (%s)", len(batch), how)
+        if how == "block":
+            while True:
+                time.sleep(3600)
+        await asyncio.Event().wait()
+
+    stream.app.BatchStep.process = process  # type: ignore[method-assign]
+
+
+def poison(item: str) -> None:
+    """Folding an event of `item` raises: the step fails on that message and on no other."""
+    fold = stream.app.apply_events
+
+    def apply_events(state: Any, events: Iterable[Any], cfg: Any, offsets: Any = None) -> Any:
+        events = list(events)
+        if any(event.item_id == item for event in events):
+            raise ValueError(f"fault injection: a bug that item {item!r} triggers")
+        return fold(state, events, cfg, offsets)
+
+    stream.app.apply_events = apply_events  # type: ignore[assignment]
+
+
 def main() -> None:
     install_from_env()  # the local long-polling shim, when the environment asks for it
-    on_stage = kill_at(os.environ["FAULT_KILL_AT"], int(os.environ.get("FAULT_KILL_AFTER_OUTPUTS", "0")))
+    on_stage = None
+    if point := os.environ.get("FAULT_KILL_AT"):
+        on_stage = kill_at(point, int(os.environ.get("FAULT_KILL_AFTER_OUTPUTS", "0")))
+    if how := os.environ.get("FAULT_HANG"):
+        hang_in_batch(how)
+    if item := os.environ.get("FAULT_POISON_ITEM"):
+        poison(item)
     run_worker(Settings(), on_stage=on_stage)
 
 

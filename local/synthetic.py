@@ -41,6 +41,7 @@ MALFORMED_KINDS: Final = {
     "seconds_timestamp": "timestamp_range",
     "oversized": "too_large",
     "key_mismatch": "key_mismatch",
+    "too_deep": "too_deep",  # about 2 KB of nested arrays: the poison pill of issue 24
 }
 
 _MARKER = re.compile(rb"bad-([a-z_]+)-(\d+)")
@@ -92,6 +93,8 @@ def malformed_record(event: Event, kind: str, n: int, *, max_bytes: int = 16 * 1
     elif kind == "key_mismatch":
         key = b"not-" + key
         value = _json.encode(fields)
+    elif kind == "too_deep":
+        value = _json.encode({**fields, "context": {"note": "@"}}).replace(b'"@"', b"[" * 1000 + b"]" * 1000)
     else:
         raise ValueError(f"unknown malformed kind {kind!r}; known: {', '.join(MALFORMED_KINDS)}")
     return key, value
@@ -132,7 +135,7 @@ def mix_malformed(
     of all messages.
 
     Each malformed message copies a random event and follows it directly, so it arrives near its event time.
-    Kinds rotate through `MALFORMED_KINDS`, so every kind appears once there are at least 8.
+    Kinds rotate through `MALFORMED_KINDS`, so every kind appears once there are as many as kinds.
     """
     m = malformed_count(len(events), share) if count is None else count
     after: dict[int, list[int]] = {}

@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     worker_max_partition_fetch_bytes: int = Field(64 * 1024, ge=1024)
     worker_max_poll_records: int = Field(1000, ge=1, description="records per consumer poll (bounded: see app.py)")
     worker_max_poll_interval_s: float = Field(1000.0, gt=0, description="a worker not polling this long leaves")
+    # SIGTERM ends the worker within this many seconds, also with a batch stuck forever (stream/worker.py); keep it
+    # below the pod's terminationGracePeriodSeconds (60 in deploy/k8s).
+    worker_shutdown_deadline_s: float = Field(30.0, gt=0, description="a stop that takes longer exits hard")
     worker_standby_replicas: int = Field(1, ge=0, description="Faust standby copies of each table partition")
     metrics_port: int = Field(9108, ge=0, le=65535)
     # /health says degraded once a batch takes longer than this: within ~3.5 s of a Triton hang (issue 11: <= 5 s).

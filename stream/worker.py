@@ -9,6 +9,7 @@ import asyncio
 import faulthandler
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -54,6 +55,7 @@ def run_worker(
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
     worker = Worker(app, loglevel=settings.worker_log_level.upper(), override_logging=True)
+    worker.shutdown_deadline_s = settings.worker_shutdown_deadline_s
     if not hard_exit:
         worker.execute_from_commandline()  # ends in SystemExit
         return
@@ -72,22 +74,54 @@ def run_worker(
 
 class Worker(faust.Worker):
     """Faust's worker with a deadline on its shutdown (see `run_worker`). Named `Worker` because mode logs the
-    class name and readiness checks look for "[^Worker]: Ready"."""
+    class name and readiness checks look for "[^Worker]: Ready".
+
+    The deadline starts when SIGTERM or SIGINT arrives, from a plain Python signal handler: that runs in the main
+    thread even while the event loop is stuck (a batch awaiting forever, or blocked in a call), and asyncio's
+    wakeup fd still hands the signal to mode's own handler for the clean stop. At the deadline a daemon thread
+    dumps every thread's stack to file descriptor 2 (not `sys.stderr`: mode replaces it with a logging proxy
+    that has no file number) and ends the process with `os._exit`; no step of that path can keep it from
+    exiting (issue 24: a stuck worker ignored SIGTERM because the stack dump raised)."""
 
     shutdown_deadline_s = 30.0
+    _deadline: threading.Thread | None = None
+
+    def install_signal_handlers(self) -> None:
+        super().install_signal_handlers()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._start_deadline_on_signal)
+
+    def _start_deadline_on_signal(self, signum: int, frame: object) -> None:
+        self.start_shutdown_deadline()
 
     def on_worker_shutdown(self) -> None:
         super().on_worker_shutdown()
-        threading.Thread(target=self._exit_if_still_here, name="shutdown-deadline", daemon=True).start()
+        self.start_shutdown_deadline()
 
-    def _exit_if_still_here(self) -> None:
-        time.sleep(self.shutdown_deadline_s)
-        closed = self.loop.is_closed()  # after "Closing event loop" every service has stopped cleanly
-        sys.stderr.write(f"worker shutdown still running after {self.shutdown_deadline_s:.0f} s (event loop "
-                         f"closed: {closed}); thread stacks follow, then exit\n")  # fmt: skip
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        sys.stderr.flush()
-        os._exit(0 if closed else 1)
+    def start_shutdown_deadline(self) -> None:
+        if self._deadline is None:
+            self._deadline = threading.Thread(target=self._exit_at_deadline, name="shutdown-deadline", daemon=True)
+            self._deadline.start()
+
+    def _exit_at_deadline(self) -> None:
+        closed = False
+        try:
+            time.sleep(self.shutdown_deadline_s)
+            closed = _loop_closed(self.loop)  # after "Closing event loop" every service has stopped cleanly
+            os.write(2, f"worker shutdown still running after {self.shutdown_deadline_s:.0f} s (event loop closed: "
+                        f"{closed}); thread stacks follow, then exit\n".encode())  # fmt: skip
+            faulthandler.dump_traceback(file=2, all_threads=True)
+        except BaseException:  # nothing may stop the exit below
+            pass
+        finally:
+            os._exit(0 if closed else 1)
+
+
+def _loop_closed(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return loop.is_closed()
+    except Exception:
+        return False
 
 
 def _version() -> str:

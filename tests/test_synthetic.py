@@ -39,9 +39,9 @@ def test_same_seed_same_bytes_other_seed_other_bytes() -> None:
 
 
 def test_counts_and_malformed_share() -> None:
-    messages = generate(500, 10_000, seed=1, malformed_share=0.032)
+    messages = generate(500, 10_000, seed=1, malformed_share=0.036)
     assert len(messages) == 10_000
-    assert messages.malformed == 320
+    assert messages.malformed == 360 == 40 * len(MALFORMED_KINDS)
     assert Counter(k for k in messages.kinds if k) == dict.fromkeys(MALFORMED_KINDS, 40)
 
 

@@ -341,7 +341,7 @@ def test_g_batch_envelopes_apply_like_single_events_and_dead_letter_each_bad_eve
     valid = synthetic_events(100, 2_000, seed=61)
     expected = expected_states(valid, settings)
     rng = random.Random(62)
-    kinds = [k for k in MALFORMED_KINDS if k != "invalid_json"]  # a broken event breaks its envelope: below
+    kinds = [k for k in MALFORMED_KINDS if k not in ("invalid_json", "too_deep")]  # these break the envelope
     messages: list[tuple[bytes, bytes]] = []
     bad: dict[str, tuple[str, bytes, int]] = {}  # marker -> (reason, own bytes, index in its envelope)
     pending: dict[str, list[bytes]] = {}
@@ -444,3 +444,54 @@ def test_f_oversized_messages_are_dead_lettered_once_and_block_no_partition(
     assert worker.metric("interest_events_consumed_total") == len(valid)
     assert_healthy(worker)
     stop_cleanly(worker)
+
+
+# --- (h) + (i): a message that fails the step by itself; a stop with a batch stuck forever (issue 24) ----------
+
+
+def test_h_a_message_that_fails_the_step_alone_is_dead_lettered_once_and_the_rest_applied(
+    make_settings: Callable[..., Settings], start_worker: Callable[..., Worker]
+) -> None:
+    """A fault injected for one message (local/faults.py `FAULT_POISON_ITEM`: folding it raises): that message
+    goes to the DLQ once with reason `internal` and the exception, every other user's state is exact, and the
+    group commits the whole input (lag 0)."""
+    settings = make_settings(tables=(TABLE,), topic_partitions=4)
+    valid = synthetic_events(100, 1_500, seed=71)
+    victim = valid[700]
+    poison = msgspec.structs.replace(victim, item_id="poison-item", event_id="poison-0")
+    messages = [(e.user_id.encode(), encode_event(e)) for e in valid]
+    messages.insert(701, (poison.user_id.encode(), encode_event(poison)))
+    expected = expected_states(valid, settings)
+
+    worker = start_worker(settings, env={"FAULT_POISON_ITEM": "poison-item"})
+    run_sync(publish(settings, messages, progress=False))
+    changelog = process_all(settings, [worker], expected)  # lag 0: every offset committed
+    assert_states(changelog.values(), expected, "changelog")
+    dlq = wait_for(lambda: read_topic(settings, settings.topic_dlq), 60, "the DLQ record")
+    ((record),) = dlq
+    headers = {k: v.decode() for k, v in record.headers}
+    assert (record.key, record.value) == (poison.user_id.encode(), encode_event(poison))
+    assert headers["dlq.reason"] == "internal" and "fault injection" in headers["dlq.exception"]
+    assert worker.metric("interest_messages_isolated_total") == 1
+    assert worker.metric("interest_events_rejected_total", reason="internal") == 1
+    worker.check_alive()
+    stop_cleanly(worker)
+
+
+@pytest.mark.parametrize("hang", ["await", "block"])
+def test_i_sigterm_ends_a_worker_whose_batch_never_finishes_within_its_deadline(
+    hang: str, make_settings: Callable[..., Settings], start_worker: Callable[..., Worker]
+) -> None:
+    """`FAULT_HANG`: the first batch awaits forever (`await`) or holds the event loop (`block`). SIGTERM still
+    ends the process by the shutdown deadline: exit code 1 (not a clean stop), every thread's stack in its log,
+    and no SIGKILL needed."""
+    deadline_s = 5
+    settings = make_settings(tables=(TABLE,), topic_partitions=2, worker_shutdown_deadline_s=deadline_s)
+    worker = start_worker(settings, env={"FAULT_HANG": hang})
+    run_sync(publish(settings, [(b"u1", encode_event(synthetic_events(1, 1, seed=3)[0]))], progress=False))
+    wait_for(lambda: "hangs forever" in worker.log_text(), 60, "the batch to hang")
+    code = worker.stop(timeout_s=deadline_s + 25)  # SIGTERM; SIGKILL only if the deadline did not end it
+    assert not worker.killed and code == 1, f"exit code {code}:\n{worker.log_tail()}"
+    log = worker.log_text()
+    assert f"worker shutdown still running after {deadline_s} s" in log
+    assert "Thread 0x" in log and "File " in log, "faulthandler's stack dump"
