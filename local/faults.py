@@ -3,8 +3,10 @@
 `python -m local.faults` runs the ordinary worker (settings from the environment) with the faults the
 environment names:
 
-* `FAULT_KILL_AT` (`before_publish`, `after_publish`, or `after_forget_tables`: a user's state and record
-  deleted, the output tombstone not yet sent): SIGKILL there once `FAULT_KILL_AFTER_OUTPUTS` records are out.
+* `FAULT_KILL_AT`: SIGKILL there once `FAULT_KILL_AFTER_OUTPUTS` records are out. `after_changelog`: the new
+  values acknowledged by the changelog, not yet in RocksDB (stream/tables.py); `before_publish`: in RocksDB too,
+  no record published; `after_publish`: published, input offsets not committed; `after_forget_tables`: a user's
+  value deleted, the output tombstone not yet sent.
 * `FAULT_HANG` (`await`: the batch awaits forever, as on a Triton call without a timeout; `block`: the event loop
   is blocked in a call): the first batch never finishes.
 * `FAULT_POISON_ITEM`: folding any event with that `item_id` raises, a bug that one message triggers.
@@ -23,12 +25,12 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import stream.app
+import stream.step
 from local.longpoll import install_from_env
 from stream.settings import Settings
 from stream.worker import run_worker
 
-POINTS = ("before_publish", "after_publish", "after_forget_tables")
+POINTS = ("after_changelog", "before_publish", "after_publish", "after_forget_tables")
 HANGS = ("await", "block")
 NAMES = ("FAULT_KILL_AT", "FAULT_HANG", "FAULT_POISON_ITEM")  # any of them makes spawn_worker run this module
 log = logging.getLogger(__name__)
@@ -58,12 +60,12 @@ def hang_in_batch(how: str) -> None:
                 time.sleep(3600)
         await asyncio.Event().wait()
 
-    stream.app.BatchStep.process = process  # type: ignore[method-assign]
+    stream.step.BatchStep.process = process  # type: ignore[method-assign]
 
 
 def poison(item: str) -> None:
     """Folding an event of `item` raises: the step fails on that message and on no other."""
-    fold = stream.app.apply_events
+    fold = stream.step.apply_events
 
     def apply_events(state: Any, events: Iterable[Any], cfg: Any, offsets: Any = None) -> Any:
         events = list(events)
@@ -71,7 +73,7 @@ def poison(item: str) -> None:
             raise ValueError(f"fault injection: a bug that item {item!r} triggers")
         return fold(state, events, cfg, offsets)
 
-    stream.app.apply_events = apply_events  # type: ignore[assignment]
+    stream.step.apply_events = apply_events  # type: ignore[assignment]
 
 
 def main() -> None:

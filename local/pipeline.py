@@ -37,7 +37,7 @@ from local.triton import LocalTriton
 from local.worker import settings_env, spawn_worker
 from stream.settings import Settings
 
-TABLES = ("user_state", "user_interest")
+TABLES = ("user_state",)
 READY_LINE = "[^Worker]: Ready"
 
 

@@ -91,3 +91,17 @@ def set_build_info(**fields: str) -> None:
 
 def event_type_label(event_type: str) -> str:
     return event_type if event_type in KNOWN_EVENT_TYPES else "other"
+
+
+_lag_partitions: set[int] = set()
+
+
+def set_consumer_lag(lags: dict[int, int]) -> None:
+    """The lag of the events partitions this worker holds now; partitions it no longer holds (revoked in a
+    rebalance) lose their series, so a dashboard never sums a lag that another worker reports."""
+    for partition in _lag_partitions - lags.keys():
+        CONSUMER_LAG.remove(str(partition))
+    for partition, lag in lags.items():
+        CONSUMER_LAG.labels(str(partition)).set(lag)
+    _lag_partitions.clear()
+    _lag_partitions.update(lags)

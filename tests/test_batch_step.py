@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from unittest.mock import AsyncMock, patch
@@ -13,11 +14,13 @@ import pytest
 
 from core.schema import Event, Forget, encode_event
 from core.sessions import UserState, decode_state
-from stream.app import BatchStep
 from stream.inference import TritonUnavailable
 from stream.settings import Settings
+from stream.step import BatchStep
+from stream.tables import UserValue, Write
 
 T0 = 1_700_000_000_000
+WRITES: list[tuple[str, bytes]] = []  # every table write and topic send of the fakes, in order
 
 
 @dataclass
@@ -41,6 +44,7 @@ class FakeTopic:
 
     async def send(self, *, key: bytes, value: bytes | None, headers: Any = None) -> asyncio.Future[None]:
         self.sent.append((key, value, dict(headers or [])))
+        WRITES.append(("topic", key))
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
@@ -48,27 +52,33 @@ class FakeTopic:
 
 @dataclass
 class DictTables:
-    states: dict[bytes, bytes] = field(default_factory=dict)
-    records: dict[bytes, bytes] = field(default_factory=dict)
+    """The user table as a dict; `states` and `records` are views of it for the assertions."""
+
+    values: dict[bytes, UserValue] = field(default_factory=dict)
     deleted: list[bytes] = field(default_factory=list)
+    partitions: dict[bytes, int] = field(default_factory=dict)  # the partition each key was written in
 
-    def get_state(self, key: bytes) -> bytes | None:
-        return self.states.get(key)
+    def get(self, partition: int, key: bytes) -> UserValue | None:
+        assert self.partitions.get(key, partition) == partition, f"{key!r} read from another partition"
+        return self.values.get(key)
 
-    def get_record(self, key: bytes) -> bytes | None:
-        return self.records.get(key)
+    async def write(self, writes: Sequence[Write]) -> None:
+        for w in writes:
+            WRITES.append(("table", w.key))
+            self.partitions[w.key] = w.partition
+            if w.value is None:
+                self.deleted.append(w.key)
+                self.values.pop(w.key, None)
+            else:
+                self.values[w.key] = w.value
 
-    def put(self, key: bytes, state: bytes, record: bytes | None) -> list[Any]:
-        self.states[key] = state
-        if record is not None:
-            self.records[key] = record
-        return []
+    @property
+    def states(self) -> dict[bytes, bytes]:
+        return {k: v.state for k, v in self.values.items()}
 
-    def delete(self, key: bytes) -> list[Any]:
-        self.deleted.append(key)
-        self.states.pop(key, None)
-        self.records.pop(key, None)
-        return []
+    @property
+    def records(self) -> dict[bytes, bytes]:
+        return {k: v.record for k, v in self.values.items() if v.record is not None}
 
 
 @dataclass
@@ -105,19 +115,22 @@ def make_step(model: FakeModel | None, **settings: Any) -> tuple[BatchStep, Dict
     return step, tables, dlq, output
 
 
-def test_batch_infers_once_publishes_then_stores() -> None:
+def test_batch_infers_once_then_stores_then_publishes() -> None:
+    """One inference for the batch; every value written (changelog acknowledged, then RocksDB) before any of its
+    records reaches the output topic: `WRITES` is the ordered log of both."""
     model = FakeModel()
     step, tables, dlq, output = make_step(model)
-    states, interests = tables.states, tables.records
+    WRITES.clear()
     batch = [message("a", 1, 0), message("b", 1, 1), message("a", 2, 2)]
     asyncio.run(step.process(batch))
     assert model.calls == [["a", "b"]], "one inference request for every changed user of the batch"
+    assert WRITES == [("table", b"a"), ("table", b"b"), ("topic", b"a"), ("topic", b"b")], "stored, then published"
     assert [json.loads(v) for _, v, _ in output.sent] == [
         {"user": "a", "seq": 1, "events": 2},
         {"user": "b", "seq": 1, "events": 1},
     ]
-    assert decode_state(states[b"a"]).seq == 1 and not decode_state(states[b"a"]).dirty
-    assert interests[b"b"] == output.sent[1][1]
+    assert decode_state(tables.states[b"a"]).seq == 1 and not decode_state(tables.states[b"a"]).dirty
+    assert tables.records[b"b"] == output.sent[1][1]
     assert dlq.sent == []
 
 
@@ -150,8 +163,9 @@ def test_a_retried_batch_dead_letters_each_message_once() -> None:
     assert [h["dlq.offset"] for _, _, h in dlq.sent] == [b"0"], "three attempts, one DLQ record"
 
 
-def test_a_replay_republishes_the_stored_record_byte_for_byte() -> None:
-    """A crash after the state was stored but before (or after) the publish: the same input comes again."""
+def test_a_replay_republishes_the_stored_record_once_byte_for_byte() -> None:
+    """A crash after the state was stored but before (or after) the publish: the same input comes again. The
+    stored record goes out again once per process, however many batches the re-read input spans."""
     model = FakeModel()
     step, tables, _, output = make_step(model)
     batch = [message("a", 1, 0), message("a", 2, 1)]
@@ -160,9 +174,14 @@ def test_a_replay_republishes_the_stored_record_byte_for_byte() -> None:
     asyncio.run(step.process(batch))  # the replay
     assert tables.states == stored and len(model.calls) == 1, "a replay neither folds nor infers again"
     assert [v for _, v, _ in output.sent] == [tables.records[b"a"]] * 2
-    asyncio.run(step.process([*batch, message("a", 3, 2)]))  # replay plus one new event: seq 1 again, then 2
-    assert [json.loads(v)["seq"] for _, v, _ in output.sent] == [1, 1, 1, 2], "no seq skipped, none reordered"
+    asyncio.run(step.process([*batch, message("a", 3, 2)]))  # replayed again, plus one new event: only seq 2
+    assert [json.loads(v)["seq"] for _, v, _ in output.sent] == [1, 1, 2], "no seq skipped, none reordered"
     assert json.loads(output.sent[-1][1]) == {"user": "a", "seq": 2, "events": 3}
+    restarted = BatchStep(Settings(_env_file=None), tables, FakeTopic(), output, model)  # type: ignore[arg-type]
+    for _ in range(3):  # a new process reads the input again: one more copy of the latest record, not three
+        asyncio.run(restarted.process([*batch, message("a", 3, 2)]))
+    assert [json.loads(v)["seq"] for _, v, _ in output.sent] == [1, 1, 2, 2]
+    assert output.sent[-1][1] == output.sent[-2][1] == tables.records[b"a"], "byte for byte"
 
 
 def test_health_degrades_while_a_batch_fails_or_stalls() -> None:
@@ -320,7 +339,7 @@ def poisoned(item: str, error: type[Exception] = ValueError) -> Any:
             raise error(f"injected fault for {item}")
         return apply_events(state, events, cfg, offsets)
 
-    return patch("stream.app.apply_events", fold)
+    return patch("stream.step.apply_events", fold)
 
 
 def test_a_message_that_fails_the_step_by_itself_is_dead_lettered_once_and_the_rest_is_applied() -> None:

@@ -55,7 +55,7 @@ def test_records_and_the_http_view_carry_the_explanation_and_each_scenario(
     triton_twin: LocalTriton,
 ) -> None:
     settings = make_settings(
-        tables=("user_state", "user_interest"),
+        tables=("user_state",),
         triton_url=triton_twin.grpc_url,
         model_dir=tiny_export.twin / "interest_transformer",
         worker_web_port=free_port(),

@@ -363,7 +363,7 @@ def test_versions_loaded_while_events_flow_switch_once_lose_nothing_and_a_mismat
     events = tiny_events(30, 1_200, seed=3)
     with LocalTriton(twin.parent, model_control="explicit", log_file=tmp_path / "triton.log") as triton:
         settings = make_settings(
-            tables=("user_state", "user_interest"), triton_url=triton.grpc_url, model_dir=twin, model_poll_s=0.5,
+            tables=("user_state",), triton_url=triton.grpc_url, model_dir=twin, model_poll_s=0.5,
             worker_batch_wait_s=0.02,
         )  # fmt: skip
         worker = start_worker(settings)
@@ -437,7 +437,7 @@ def test_with_only_a_refused_version_served_the_worker_waits_and_publishes_nothi
 
     with LocalTriton(twin.parent, model_control="explicit", log_file=tmp_path / "triton.log") as triton:
         settings = make_settings(
-            tables=("user_state", "user_interest"), triton_url=triton.grpc_url, model_dir=twin, model_poll_s=0.5,
+            tables=("user_state",), triton_url=triton.grpc_url, model_dir=twin, model_poll_s=0.5,
             worker_web_port=free_port(),
         )  # fmt: skip
         worker = start_worker(settings)

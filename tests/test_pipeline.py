@@ -9,6 +9,7 @@ onnxruntime. The worker's last published record of every user must equal that wi
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,16 +20,16 @@ import numpy as np
 import pytest
 
 from core.schema import Event, decode_record
-from core.sessions import decode_state, state_from_events
+from core.sessions import state_from_events
 from local.broker import LocalBroker, ensure_topics
 from local.replay import replay
 from local.triton import LocalTriton
 from models.datasets import by_user, movielens_events
 from stream.settings import Settings
-from tests.fixtures.worker import READY_LINE, Worker, read_topic, wait_caught_up, wait_for
+from tests.fixtures.worker import READY_LINE, Worker, read_topic, state_of, wait_caught_up, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.triton]
-TABLES = ("user_state", "user_interest")
+TABLES = ("user_state",)  # the one user table (stream/tables.py)
 
 
 @pytest.fixture(scope="module")
@@ -244,34 +245,61 @@ def test_a_record_republished_after_a_crash_is_the_same_record(
         rig.broker.stop()
 
 
-def test_a_crash_loop_loses_nothing_and_publishes_one_content_per_seq(
+def test_a_kill_between_the_changelog_ack_and_rocksdb_then_a_new_pod_loses_nothing(
     start_worker: Callable[..., Worker], ml_export: Any, ml_triton: LocalTriton, tmp_path: Path
 ) -> None:
-    """Events arrive in four chunks; after each, a worker is SIGKILLed at a random publish stage after a random
-    number of outputs (seeded). Then a clean worker catches up: every user's last record equals the offline
-    model with exact counts, every repeated `(user, seq)` has one content, and no valid event was dead-lettered
-    (before the fix, replays of evicted events went to the DLQ as `late`)."""
+    """Issue 25's repro, on the new write order: SIGKILL once the changelog acknowledged seq 1 and before RocksDB
+    (and the output) got it; the state directory is deleted (a new pod); 5 more events. The restored worker holds
+    seq 1 from the changelog alone, publishes it (its first publication), then seq 2 with all 6 events."""
+    events = sorted((e for e in movielens_events() if e.user_id == "1"), key=lambda e: e.timestamp)[:6]
+    rig = KillRig(tmp_path, ml_triton, ml_export)
+    try:
+        replay_events(rig.settings, events[:1], rate=None)
+        assert rig.crash(start_worker, "faulty", "after_changelog", 0), "killed between the changelog ack and RocksDB"
+        assert read_topic(rig.settings, rig.settings.topic_output) == [], "killed before any publish"
+        shutil.rmtree(rig.settings.state_dir)
+        replay_events(rig.settings, events[1:], rate=None)
+        worker = start_worker(rig.settings, name="new-pod")
+        wait_caught_up(rig.settings, [worker], timeout_s=120)
+        assert_one_content_per_seq(rig.settings)
+        records = [decode_record(r.value) for r in read_topic(rig.settings, rig.settings.topic_output)]
+        assert [(r.seq, r.events_seen) for r in records] == [(1, 1), (2, 6)], "no event lost, no seq reused"
+        assert read_topic(rig.settings, rig.settings.topic_dlq) == []
+        worker.stop()
+    finally:
+        rig.broker.stop()
+
+
+@pytest.mark.parametrize("keep_state", [True, False], ids=["state-dir-kept", "state-dir-lost"])
+def test_a_crash_loop_loses_nothing_and_publishes_one_content_per_seq(
+    keep_state: bool, start_worker: Callable[..., Worker], ml_export: Any, ml_triton: LocalTriton, tmp_path: Path
+) -> None:
+    """Events arrive in four chunks; after each, a worker is SIGKILLed at a random stage of the write path after a
+    random number of outputs (seeded); with `state-dir-lost` its state directory is deleted before the next start
+    (a rescheduled pod restores from the changelog alone). Then a clean worker catches up: every user's last
+    record equals the offline model with exact counts, every repeated `(user, seq)` has one content, no seq is
+    skipped, a record is republished at most once per restart, and no valid event was dead-lettered."""
     import random
 
-    rng = random.Random(11)
+    rng = random.Random(11 if keep_state else 12)
     events = [e for e in movielens_events() if int(e.user_id) <= 60]
     by_time = sorted(events, key=lambda e: e.timestamp)
     chunks = [by_time[i * len(by_time) // 4 : (i + 1) * len(by_time) // 4] for i in range(4)]  # no event late
     rig = KillRig(tmp_path, ml_triton, ml_export, worker_batch_max=50, state_max_events=50)
     try:
         kills = 0
-        sent: list[Event] = []
         for i, chunk in enumerate(chunks):
-            sent += chunk
             replay_events(rig.settings, chunk, rate=None)
-            point = ("before_publish", "after_publish")[i % 2]
+            point = rng.choice(("after_changelog", "before_publish", "after_publish"))
             kills += rig.crash(start_worker, f"faulty{i}", point, rng.randint(1, 10))
+            if not keep_state:
+                shutil.rmtree(rig.settings.state_dir, ignore_errors=True)
         assert kills >= 3
         worker = start_worker(rig.settings, name="clean")
         wait_caught_up(rig.settings, [worker], timeout_s=300)
-        assert_parity(rig.settings, ml_export, events)
+        assert_parity(rig.settings, ml_export, events)  # also: no user's seq goes back or skips
         copies = assert_one_content_per_seq(rig.settings)
-        assert max(copies.values()) >= 2, "a crash after a publish made the worker publish a record again"
+        assert max(copies.values()) <= len(chunks) + 1, "published once, then at most once more per worker started"
         assert read_topic(rig.settings, rig.settings.topic_dlq) == []
         worker.stop()
     finally:
@@ -328,7 +356,7 @@ def test_a_triton_hang_longer_than_the_poll_interval_degrades_health_and_regress
         seen: dict[bytes, int] = {}
         for _partition, _offset, key, value in read_changelog(settings).records:
             assert value is not None
-            now = decode_state(value).events_seen
+            now = state_of(value).events_seen
             assert now >= seen.get(key, 0), f"user {key!r}: the changelog went back from {seen[key]} to {now}"
             seen[key] = now
         assert worker.metric("interest_worker_degraded") == 0

@@ -21,7 +21,7 @@ import pytest
 from aiokafka.partitioner import murmur2
 
 from core.schema import Event, encode_event
-from core.sessions import UserState, decode_state, state_from_events
+from core.sessions import UserState, state_from_events
 from local.broker import changelog_topic, ensure_topics, run_sync
 from local.process import free_port
 from local.replay import publish
@@ -37,6 +37,7 @@ from tests.fixtures.worker import (
     read_changelog,
     read_rocksdb,
     read_topic,
+    state_of,
     wait_caught_up,
     wait_for,
 )
@@ -80,7 +81,7 @@ def assert_states(actual: Mapping[bytes, bytes], expected: Mapping[bytes, UserSt
     fold has none); a readable message otherwise."""
     missing, extra = expected.keys() - actual.keys(), actual.keys() - expected.keys()
     assert not missing and not extra, f"{where}: {len(missing)} users missing {sorted(missing)[:5]}, extra {extra}"
-    decoded = {k: replace(decode_state(actual[k]), input_offset=-1) for k in expected}
+    decoded = {k: replace(state_of(actual[k]), input_offset=-1) for k in expected}
     wrong = [k for k in expected if decoded[k] != expected[k]]
     if wrong:
         k = wrong[0]
@@ -95,7 +96,7 @@ def changelog_complete(settings: Settings, expected: Mapping[bytes, UserState]) 
 
     def poll() -> Changelog | None:
         log = read_changelog(settings)
-        seen = {k: decode_state(v).events_seen for k, v in log.values().items()}
+        seen = {k: state_of(v).events_seen for k, v in log.values().items()}
         return log if all(seen.get(k) == s.events_seen for k, s in expected.items()) else None
 
     return poll

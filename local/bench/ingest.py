@@ -192,12 +192,13 @@ def _final_state_sizes(settings, total: int, deadline: float) -> list[int]:
     """Serialized sizes of the latest state of every user in the changelog, once all events are in them."""
     from core.sessions import decode_state
     from local.broker import changelog_topic, run_sync
+    from stream.tables import decode_value
 
     topic = changelog_topic(settings.app_id, TABLE)
     while True:
         latest: dict[bytes, bytes] = {}
         for key, value in run_sync(_read_to_end(settings, topic)):
-            latest[key] = value
+            latest[key] = decode_value(value).state  # ingest only: the value holds no record
         if sum(decode_state(v).events_seen for v in latest.values()) >= total or time.monotonic() > deadline:
             return [len(v) for v in latest.values()]
         time.sleep(0.5)

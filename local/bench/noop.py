@@ -29,7 +29,7 @@ from pathlib import Path
 from local import longpoll
 from stream.settings import Settings
 
-TABLES = ("user_state", "user_interest")
+TABLES = ("user_state",)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,238 @@
+"""The batch step: one `take()` batch of the events topic, from messages to published interest records.
+
+The step is the ordering of named stages; each lives where its name says:
+
+1. `validate`: parse every message (`core.schema.parse_message`); rejects go to the DLQ (stream/deadletter.py).
+2. `forget`: erase users asked to be forgotten (stream/erasure.py).
+3. `fold`: each user's events into its stored state (`core.sessions.apply_events`), by the user's partition.
+4. `republish`: a user whose events were read again after a crash gets its stored record once more.
+5. `publish`: infer the changed users (stream/inference.py), write state + record (stream/tables.py: changelog
+   acknowledged, then RocksDB), then send the records to the output topic.
+
+Effectively once, per user: the new value is durable before its record is published, and the state remembers
+the highest input offset it folded. After a crash the uncommitted input is read again; those events are replays
+(`Outcome.REPLAY`), which change nothing, and the user's stored record is published again, byte for byte, once.
+So a `(user, seq)` has exactly one content, a valid event is never dead-lettered because of a crash, and
+`events_seen` / `sessions_seen` stay exact. Dependencies are passed in, so the step runs in unit tests on fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from faust.types import EventT
+
+from core.schema import Event, Forget, Rejection, parse_message
+from core.sessions import Applied, Outcome, UserState, apply_events, decode_state, encode_state
+from stream import metrics
+from stream.deadletter import DeadLetters, Sendable, internal
+from stream.erasure import forget
+from stream.inference import InterestModel
+from stream.isolation import Retrier
+from stream.settings import Settings
+from stream.tables import Tables, UserValue, Write
+
+log = logging.getLogger(__name__)
+
+Pairs = list[tuple[Event, EventT]]
+Elements = dict[int, tuple[int, bytes]]  # id(event) -> (index, own bytes), for the events of batch envelopes
+
+
+@dataclass
+class Folded:
+    """One user after `fold`: where it lives, what was stored, the new state and its events."""
+
+    key: bytes
+    partition: int
+    stored: UserValue | None
+    state: UserState
+    pairs: Pairs
+    report: Applied
+    changed: bool  # the state differs from the stored one
+
+
+class BatchStep:
+    """Validate, forget, fold, republish, publish: one batch (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        tables: Tables,
+        dlq: Sendable,
+        output: Sendable,
+        model: InterestModel | None,
+        *,
+        on_stage: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.tables, self.dlq, self.output, self.model = tables, dlq, output, model
+        self.session_cfg = settings.session_config()
+        self.limits = {
+            "max_bytes": settings.event_max_bytes,
+            "max_envelope_bytes": settings.event_envelope_max_bytes,
+            "max_future_ms": round(settings.event_max_future_s * 1000),
+        }
+        self.dlq_max_bytes, self.stall_s = settings.dlq_max_value_bytes, settings.health_stall_s
+        self.on_stage = on_stage or (lambda point, published: None)
+        self.published = 0
+        self.republished: set[bytes] = set()  # users whose stored record this process already sent again
+        self.sleep = asyncio.sleep  # the retry back-off (tests pass a fake)
+        self.started: dict[int, float] = {}  # batches in flight: id -> monotonic start
+        self.failing: set[int] = set()  # batches whose last attempt failed (being retried)
+
+    def stage(self, point: str) -> None:
+        self.on_stage(point, self.published)
+
+    async def process_until_done(self, batch: list[EventT]) -> None:
+        """Faust acks a take() batch even when the agent raises, so a failed batch is retried here, never left
+        (stream/isolation.py): an outage stalls its partitions loudly (lag alert, /health degraded, ERROR logs)
+        instead of committing lost updates, and a message that fails the step by itself is dead-lettered alone
+        (reason `internal`) while the rest is applied. A retried batch never dead-letters a message twice."""
+        dead, me = DeadLetters(self.dlq, self.dlq_max_bytes), id(batch)
+        self.started[me] = time.monotonic()
+        metrics.MESSAGES_READ.inc(len(batch))
+
+        def failed(error: BaseException, size: int) -> None:
+            self.failing.add(me)
+            metrics.BATCH_FAILURES.inc()
+
+        try:
+            retrier = Retrier(lambda part: self.process(part, dead), on_failure=failed, sleep=self.sleep)
+            if culprits := await retrier.run(batch):
+                for culprit in culprits:
+                    await dead.send(culprit.message, internal(culprit.error))  # type: ignore[arg-type]
+                await dead.flush()
+                metrics.MESSAGES_ISOLATED.inc(len(culprits))
+        finally:
+            self.started.pop(me, None)
+            self.failing.discard(me)
+
+    async def process(self, batch: list[EventT], dead: DeadLetters | None = None) -> None:
+        """One attempt at `batch`. The DLQ sends are awaited at its end, also when it fails, so a retry knows
+        exactly which were delivered."""
+        dead = DeadLetters(self.dlq, self.dlq_max_bytes) if dead is None else dead
+        try:
+            by_user, elements = await self.validate(batch, dead)
+            if any(isinstance(m, Forget) for pairs in by_user.values() for m, _ in pairs):
+                by_user = await forget(by_user, self.tables, self.output, dead, self.stage)  # type: ignore[arg-type]
+            users = [await self.fold(key, pairs, dead, elements) for key, pairs in by_user.items()]  # type: ignore[arg-type]
+            await self.republish([u for u in users if Outcome.REPLAY in u.report.outcomes])
+            # with inference on, a dirty state (changed now, or stored while inference was off) gets a new record;
+            # any other change (ingest only, identities' bookkeeping) is stored with the record it had
+            infer = self.model is not None
+            to_infer = [u for u in users if infer and u.state.dirty]
+            keep = [self._keep_record(u) for u in users if u.changed and not (infer and u.state.dirty)]
+            if to_infer:
+                await self.publish(to_infer, keep)
+            else:
+                await self.tables.write(keep)
+        finally:
+            await dead.flush()
+
+    async def validate(
+        self, batch: list[EventT], dead: DeadLetters
+    ) -> tuple[dict[bytes, list[tuple[Event | Forget, EventT]]], Elements]:
+        """Each user's valid events and forgets, in arrival order; every reject dead-lettered."""
+        by_user: dict[bytes, list[tuple[Event | Forget, EventT]]] = {}
+        elements: Elements = {}
+        for ev in batch:
+            msg = ev.message
+            for part in parse_message(msg.value, msg.key or b"", **self.limits):
+                if isinstance(parsed := part.parsed, Rejection):
+                    await dead.send(ev, parsed, part.index, part.raw)
+                    continue
+                by_user.setdefault(msg.key, []).append((parsed, ev))
+                if part.raw is not None:  # an event of an envelope: if late, it is dead-lettered alone
+                    elements[id(parsed)] = (part.index, part.raw)
+        return by_user, elements
+
+    async def fold(self, key: bytes, pairs: Pairs, dead: DeadLetters, elements: Elements) -> Folded:
+        """Fold one user's events into its stored state; late events go to the DLQ."""
+        partition = pairs[-1][1].message.partition  # a user's events all come from its key's partition
+        stored = self.tables.get(partition, key)
+        state = decode_state(stored.state if stored else None)
+        offsets = [ev.message.offset for _, ev in pairs]
+        new_state, report = apply_events(state, [e for e, _ in pairs], self.session_cfg, offsets)
+        for outcome, (event, ev) in zip(report.outcomes, pairs, strict=True):
+            if outcome is Outcome.APPLIED:
+                metrics.EVENTS_CONSUMED.labels(metrics.event_type_label(event.event_type)).inc()
+            elif outcome is Outcome.DUPLICATE:
+                metrics.DUPLICATES_IGNORED.inc()
+            elif outcome is Outcome.REPLAY:
+                metrics.EVENTS_REPLAYED.inc()
+            else:
+                lag_s = (new_state.ts[-1] - event.timestamp) / 1000
+                index, raw = elements.get(id(event), (-1, None))
+                await dead.send(
+                    ev, Rejection("late", f"event time is {lag_s:.0f} s behind the user's latest"), index, raw
+                )
+        metrics.SESSIONS_STARTED.inc(report.new_sessions)
+        return Folded(key, partition, stored, new_state, pairs, report, changed=new_state is not state)
+
+    async def republish(self, replayed: list[Folded]) -> None:
+        """A user whose input is read again (a crash came after its value was stored) may not have reached the
+        output: its stored record goes out again, before any newer record (so a consumer sees seqs in order), and
+        once per process, however many batches the re-read input spans."""
+        again = [
+            (u.key, u.stored.record) for u in replayed if u.stored and u.stored.record and u.key not in self.republished
+        ]
+        if again:
+            await asyncio.gather(*[await self.output.send(key=key, value=record) for key, record in again])
+            self.republished.update(key for key, _ in again)
+            metrics.OUTPUTS_REPUBLISHED.inc(len(again))
+
+    async def publish(self, users: list[Folded], keep: list[Write]) -> None:
+        """Infer; write the new states with their records, and `keep` (changelog acknowledged, then RocksDB);
+        then publish."""
+        assert self.model is not None
+        metrics.USERS_PENDING.set(len(users))
+        states = [replace(u.state, seq=u.state.seq + 1, dirty=False) for u in users]
+        records = await self.model.records([u.key.decode() for u in users], states)
+        updates = [Write(u.partition, u.key, self._value(s, r)) for u, s, r in zip(users, states, records, strict=True)]
+        await self.tables.write([*keep, *updates])
+        self.stage("before_publish")
+        delivered = [await self.output.send(key=u.key, value=r) for u, r in zip(users, records, strict=True)]
+        await asyncio.gather(*delivered)
+        published_at = time.time()
+        metrics.OUTPUTS_PUBLISHED.inc(len(records))
+        self.published += len(records)
+        self.stage("after_publish")
+        for user in users:
+            for event, ev in user.pairs:
+                metrics.EVENT_TO_OUTPUT_SECONDS.observe(max(0.0, published_at - ev.message.timestamp))
+                metrics.EVENT_TIME_LAG_SECONDS.observe(max(0.0, published_at - event.timestamp / 1000))
+        metrics.USERS_PENDING.set(0)
+
+    def _keep_record(self, user: Folded) -> Write:
+        """The user's new state with the record it already had (ingest only, or identities' bookkeeping)."""
+        return Write(user.partition, user.key, self._value(user.state, user.stored.record if user.stored else None))
+
+    def _value(self, state: UserState, record: bytes | None) -> UserValue:
+        data = encode_state(state)
+        metrics.STATE_BYTES.observe(len(data))
+        return UserValue(data, record)
+
+    def health(self) -> dict[str, Any]:
+        """ "degraded" while inference fails (circuit open, a batch being retried, no usable model version) or a
+        batch has been in flight longer than HEALTH_STALL_S (Triton hanging, or events waiting with no output)."""
+        now = time.monotonic()
+        oldest_s = max((now - t for t in self.started.values()), default=0.0)
+        circuit_open = self.model is not None and self.model.breaker_open
+        model_problem = self.model.problem if self.model is not None else ""
+        problems = [
+            *(["triton circuit open"] if circuit_open else []),
+            *([model_problem] if model_problem else []),
+            *([f"{len(self.failing)} batch(es) failing, retried"] if self.failing else []),
+            *([f"a batch in flight for {oldest_s:.1f} s"] if oldest_s > self.stall_s else []),
+        ]
+        return {
+            "status": "degraded" if problems else "ok",
+            "problems": problems,
+            "inference": self.model is not None,
+            "triton_circuit_open": circuit_open,
+            "oldest_batch_s": round(oldest_s, 3),
+        }
