@@ -209,6 +209,21 @@ def bench_hol(
     print_result(run(repo, hot_events=hot_events, probes=probes, seconds=seconds, log=typer.echo))
 
 
+@bench.command("failover")
+def bench_failover(
+    users: int = typer.Option(100_000, help="Users in state before the kill (one event each)"),
+    workers: int = typer.Option(2, min=2, help="Workers in the group; worker0 is killed"),
+    partitions: int = typer.Option(8, help="Partitions of the events topic and the table"),
+    rate: float = typer.Option(100.0, help="Live events/s during the failover"),
+    repo: Path = typer.Option(Path("artifacts/model_repository-twin"), help="Triton twin repository to serve"),
+    work_dir: Path = typer.Option(Path(".local/bench-failover"), help="broker data, worker state and logs"),
+) -> None:
+    """Takeover time after a worker is killed, with standby replicas 1 and 0, and the changelog restore rate."""
+    from local.bench.failover import print_result, run
+
+    print_result(run(repo, work_dir, users=users, workers=workers, partitions=partitions, rate=rate, log=typer.echo))
+
+
 @bench.command("live")
 def bench_live(
     rates: str = typer.Option("100,250,500,1000,2000", help="Offered rates in events/s, comma-separated, ascending"),

@@ -15,14 +15,18 @@ and the stored record is published again, byte for byte.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import faust
+import mode
 
 from core.schema import decode_record, encode_record, in_scenario
-from stream import metrics
+from stream import consumer, metrics
 from stream.batching import take_batches
+from stream.continuity import BrokerReader, Continuity
 from stream.inference import InterestModel
 from stream.settings import Settings
 from stream.step import BatchStep
@@ -57,6 +61,7 @@ def create_app(settings: Settings, *, on_stage: Callable[[str, int], None] | Non
         stream_buffer_maxsize=max(4096, 2 * settings.worker_batch_max),
         consumer_max_fetch_size=settings.worker_max_partition_fetch_bytes,
     )
+    consumer.install(app, [settings.topic_events])  # dropped messages are read again, also without a commit
     # bytes keys and values make Faust use its "raw" codec: our own msgpack / JSON formats are the values.
     raw = {"key_serializer": "raw", "value_serializer": "raw", "partitions": settings.topic_partitions}
     events_topic = app.topic(settings.topic_events, **raw)
@@ -74,10 +79,33 @@ def create_app(settings: Settings, *, on_stage: Callable[[str, int], None] | Non
     # loop (tests/test_pipeline.py): after a restart a partition's events reached its actor out of offset order.
     # Head-of-line blocking is bounded instead by small per-partition fetches, which Faust hands over round-robin
     # across partitions: a user sending 100k events delays another partition by one fetch of the hot one.
+    reader = BrokerReader(settings.kafka_client_kwargs(), settings.app_id, settings.topic_events)
+    continuity = Continuity(reader, settings.topic_events, lambda: app.consumer_generation_id)
+
     @app.agent(events_topic)
     async def ingest(stream: faust.StreamT) -> None:
         async for batch in take_batches(stream, settings.worker_batch_max, within=settings.worker_batch_wait_s):
-            await step.process_until_done(batch)
+            events, filled = await gap_free(batch)
+            await step.process_until_done(events)
+            for ev in filled:  # Faust never saw them: acknowledged here, so its commit covers them
+                app.consumer.ack(ev.message)
+
+    async def gap_free(batch: list[Any]) -> tuple[list[Any], list[Any]]:
+        """The batch with its gaps filled (stream/continuity.py); a broker error is waited out, never raised:
+        the agent must not fail a batch that Faust acknowledges anyway."""
+        delay_s = 0.5
+        while True:
+            try:
+                return await continuity.fill(batch)
+            except Exception:
+                log.exception("checking the batch's offsets failed; retrying in %.1f s", delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(2 * delay_s, 30.0)
+
+    @app.service
+    class CloseReader(mode.Service):
+        async def on_stop(self) -> None:
+            await reader.close()
 
     def active_partitions() -> list[int]:
         return sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == settings.topic_events)

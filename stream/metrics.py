@@ -43,6 +43,10 @@ TRITON_RETRIES = Counter("interest_triton_retries_total", "Triton requests retri
 BATCH_FAILURES = Counter(
     "interest_batch_failures_total", "Event batches whose processing failed and is retried (offsets held)."
 )
+INPUT_GAPS = Counter(
+    "interest_input_gaps_total",
+    "Times an events partition skipped offsets on the way to the worker and the skipped records were read again.",
+)
 MESSAGES_ISOLATED = Counter(
     "interest_messages_isolated_total",
     "Messages that failed the batch step on their own and were dead-lettered with reason internal.",

@@ -1,0 +1,63 @@
+"""Faust's Kafka consumer, with one fix: after every rebalance each events partition is read again from the
+group's committed offset, also when that offset is 0 or there is none yet.
+
+Why (issue 25, the post-restore stall and the events lost after it): at a rebalance, and while a restore runs,
+Faust drops the messages it has fetched but not yet handed to the agent (`Stream` skips a message whose
+generation is old or that arrives while flow control is suspended), counting on `perform_seek` to read them
+again from the committed offsets. aiokafka's `seek_to_committed` seeks only where the committed offset is
+above 0 (`if offset and offset > 0`), so a partition that had committed nothing yet (a new group, a worker
+killed before its first commit) kept its fetch position past the dropped messages. They were never handed to the
+agent: never acknowledged, so the committed offset stopped there (lag frozen, nothing logged), and the later
+events the agent did fold carried the users' `input_offset` past them, so when a restart read them again they
+were taken for replays and lost. Seeking such partitions to offset 0, or to the log start when nothing is
+committed (`consumer_auto_offset_reset="earliest"`), makes every dropped message come again.
+
+Built on faust-streaming 0.15.3's aiokafka driver (`Consumer._new_consumer_thread`,
+`AIOKafkaConsumerThread.seek_to_committed`); `Transport.Consumer` is the documented place for a consumer class.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
+
+log = logging.getLogger(__name__)
+
+
+class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """The aiokafka consumer thread; `input_topics` are the topics whose partitions are sought (not changelogs,
+    whose positions the recovery owns)."""
+
+    input_topics: frozenset[str] = frozenset()
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        return await self.call_thread(self._seek_to_committed)
+
+    async def _seek_to_committed(self) -> Mapping[TP, int]:
+        consumer = self._ensure_consumer()
+        committed = await consumer.seek_to_committed()  # seeks only where the committed offset is > 0
+        unsought = [tp for tp, offset in committed.items() if tp.topic in self.input_topics and not offset]
+        for tp in unsought:
+            if committed[tp] == 0:
+                consumer.seek(tp, 0)
+        if nothing := [tp for tp in unsought if committed[tp] is None]:
+            await consumer.seek_to_beginning(*nothing)
+        if unsought:
+            log.info("input partitions read from their start (committed 0 or nothing): %s",
+                     sorted(tp.partition for tp in unsought))  # fmt: skip
+        return committed
+
+
+def install(app: faust.App, input_topics: Iterable[str]) -> None:
+    """Make `app` use this consumer for `input_topics` (before its consumer is created)."""
+    thread = type("ConsumerThread", (ConsumerThread,), {"input_topics": frozenset(input_topics)})
+
+    class Consumer(faust_aiokafka.Consumer):
+        def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+            return thread(self, loop=self.loop, beacon=self.beacon)
+
+    app.transport.Consumer = Consumer  # type: ignore[misc]
