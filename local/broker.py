@@ -41,7 +41,10 @@ class BrokerError(RuntimeError):
 
 
 def _port_free(host: str, port: int) -> bool:
+    """No one listens on the port. SO_REUSEADDR, as servers bind: a restarted broker's old connections linger
+    in TIME_WAIT while clients that outlived it reconnect, and they do not stop a server from binding."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
