@@ -12,7 +12,11 @@ Rules, in event time (`Event.timestamp`, ms):
   the worker routes it to the dead-letter topic with reason `late`, so nothing is silently dropped.
 * A **replay** is recognised by its input offset: a user's events all come from one partition of the events
   topic, so an event whose offset is at most `UserState.input_offset` was already folded in (a crash or a
-  rebalance re-reads uncommitted input). Replays change nothing, whatever the bounds evicted since.
+  rebalance re-reads uncommitted input). Replays change nothing, whatever the bounds evicted since. An offset
+  at most `input_offset` whose event is newer than the watermark, with an identity not seen, cannot have been
+  folded: the input topic was recreated (or mirrored) and its offsets started again. That event is applied and
+  `input_offset` restarts from its offset (`Applied.new_incarnation`), so the new topic's events are not
+  swallowed as replays. (A recreated topic's events older than the watermark still read as replays.)
 * Identity: `event_id` identifies one event of a user (without one, `(item_id, event_type, timestamp, value)`
   does); the fingerprint is a 64-bit hash of it. A message is a **duplicate**, and ignored, when an event with
   its identity was seen within the lateness horizon (its latest copy's time >= watermark - `lateness_ms`).
@@ -105,6 +109,7 @@ class Applied:
 
     outcomes: list[Outcome] = field(default_factory=list)
     new_sessions: int = 0
+    new_incarnation: bool = False  # offsets went back: the input topic was recreated (module docstring)
 
     @property
     def changed(self) -> bool:
@@ -131,13 +136,17 @@ def apply_events(
         last_seen[fp] = max(last_seen.get(fp, t), t)
     input_offset = state.input_offset
     report = Applied()
+    replay_below = state.input_offset
     for k, event in enumerate(events):
-        if offsets is not None:
-            if offsets[k] <= state.input_offset:
-                report.outcomes.append(Outcome.REPLAY)
-                continue
-            input_offset = max(input_offset, offsets[k])
         fp, t = fingerprint(event), event.timestamp
+        if offsets is not None:
+            if offsets[k] <= replay_below:
+                if not (ts and t > ts[-1] and fp not in last_seen):
+                    report.outcomes.append(Outcome.REPLAY)
+                    continue
+                report.new_incarnation = True  # cannot have been folded: the offsets started again
+                replay_below = input_offset = offsets[k] - 1
+            input_offset = max(input_offset, offsets[k])
         horizon = ts[-1] - cfg.lateness_ms if ts else t
         if t < horizon:  # never applied; a copy of an event we still know is a duplicate (re-sent data), not late
             report.outcomes.append(Outcome.DUPLICATE if fp in last_seen else Outcome.LATE)
@@ -161,7 +170,7 @@ def apply_events(
         report.new_sessions += isolated_before and isolated_after
         report.outcomes.append(Outcome.APPLIED)
     if not ts or all(o in (Outcome.REPLAY, Outcome.LATE) for o in report.outcomes):
-        return state, report
+        return state, report  # (a new incarnation always applies its first event, so it never returns here)
 
     drop = max(0, len(ts) - cfg.max_events)
     starts = session_starts(ts, cfg.gap_ms)

@@ -7,6 +7,9 @@ environment names:
   values acknowledged by the changelog, not yet in RocksDB (stream/tables.py); `before_publish`: in RocksDB too,
   no record published; `after_publish`: published, input offsets not committed; `after_forget_tables`: a user's
   value deleted, the output tombstone not yet sent.
+* `FAULT_STOP_AT`: SIGSTOP there (once) after `FAULT_KILL_AFTER_OUTPUTS` records: the worker freezes mid-batch,
+  as in a long GC or a stalled VM, until someone sends SIGCONT (the fencing test). `before_changelog`: the
+  batch inferred, nothing written yet.
 * `FAULT_HANG` (`await`: the batch awaits forever, as on a Triton call without a timeout; `block`: the event loop
   is blocked in a call): the first batch never finishes.
 * `FAULT_POISON_ITEM`: folding any event with that `item_id` raises, a bug that one message triggers.
@@ -30,9 +33,8 @@ from local.longpoll import install_from_env
 from stream.settings import Settings
 from stream.worker import run_worker
 
-POINTS = ("after_changelog", "before_publish", "after_publish", "after_forget_tables")
+POINTS = ("before_changelog", "after_changelog", "before_publish", "after_publish", "after_forget_tables")
 HANGS = ("await", "block")
-NAMES = ("FAULT_KILL_AT", "FAULT_HANG", "FAULT_POISON_ITEM")  # any of them makes spawn_worker run this module
 log = logging.getLogger(__name__)
 
 
@@ -44,6 +46,23 @@ def kill_at(point: str, after_outputs: int) -> Callable[[str, int], None]:
         if stage == point and published >= after_outputs:
             log.error("fault injection: SIGKILL %s after %d outputs", point, published)
             os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_stage
+
+
+def stop_at(point: str, after_outputs: int) -> Callable[[str, int], None]:
+    """SIGSTOP at `point`, once: the process freezes there until SIGCONT, then the batch goes on."""
+    if point not in POINTS:
+        raise ValueError(f"FAULT_STOP_AT must be one of {POINTS}, not {point!r}")
+    stopped = False
+
+    def on_stage(stage: str, published: int) -> None:
+        nonlocal stopped
+        if stage == point and published >= after_outputs and not stopped:
+            stopped = True
+            log.error("fault injection: SIGSTOP %s after %d outputs", point, published)
+            os.kill(os.getpid(), signal.SIGSTOP)
+            log.error("fault injection: SIGCONT received, the batch goes on")
 
     return on_stage
 
@@ -79,8 +98,11 @@ def poison(item: str) -> None:
 def main() -> None:
     install_from_env()  # the local long-polling shim, when the environment asks for it
     on_stage = None
+    after = int(os.environ.get("FAULT_KILL_AFTER_OUTPUTS", "0"))
     if point := os.environ.get("FAULT_KILL_AT"):
-        on_stage = kill_at(point, int(os.environ.get("FAULT_KILL_AFTER_OUTPUTS", "0")))
+        on_stage = kill_at(point, after)
+    elif point := os.environ.get("FAULT_STOP_AT"):
+        on_stage = stop_at(point, after)
     if how := os.environ.get("FAULT_HANG"):
         hang_in_batch(how)
     if item := os.environ.get("FAULT_POISON_ITEM"):

@@ -36,11 +36,15 @@ def settings_env(settings: Settings, extra: Mapping[str, str] | None = None) -> 
     return env
 
 
+#: The variables that name a fault (local/faults.py): any of them runs the fault-injecting worker.
+FAULT_VARIABLES = ("FAULT_KILL_AT", "FAULT_STOP_AT", "FAULT_HANG", "FAULT_POISON_ITEM")
+
+
 def worker_command(env: Mapping[str, str] | None = None) -> list[str]:
     """The worker's console script in this venv; the fault-injecting worker when `env` names a fault; the worker
     behind the local long-polling shim when `env` switches it on (`local.longpoll`; faults install it too)."""
-    if env is not None and any(env.get(name) for name in ("FAULT_KILL_AT", "FAULT_HANG", "FAULT_POISON_ITEM")):
-        return [sys.executable, "-m", "local.faults"]  # local.faults.NAMES
+    if env is not None and any(env.get(name) for name in FAULT_VARIABLES):
+        return [sys.executable, "-m", "local.faults"]
     if env is not None and max_wait_from_env(env) is not None:
         return [sys.executable, "-m", "local.longpoll"]
     script = Path(sys.executable).with_name("interest-stream-worker")

@@ -27,6 +27,7 @@ from core.schema import decode_record, encode_record, in_scenario
 from stream import consumer, metrics
 from stream.batching import take_batches
 from stream.continuity import BrokerReader, Continuity
+from stream.fencing import for_app
 from stream.inference import InterestModel
 from stream.settings import Settings
 from stream.step import BatchStep
@@ -73,7 +74,7 @@ def create_app(settings: Settings, *, on_stage: Callable[[str, int], None] | Non
     if model is None:
         log.warning("TRITON_URL is empty: ingest only (state is kept, no interest is published)")
     table = UserTable(users, on_stage=lambda point: step.stage(point))
-    step = BatchStep(settings, table, dlq_topic, output_topic, model, on_stage=on_stage)
+    step = BatchStep(settings, table, dlq_topic, output_topic, model, on_stage=on_stage, fence=for_app(app).check)
 
     # One actor for all partitions. Faust's isolated_partitions (one actor per partition) lost updates in our crash
     # loop (tests/test_pipeline.py): after a restart a partition's events reached its actor out of offset order.

@@ -12,8 +12,12 @@ events the agent did fold carried the users' `input_offset` past them, so when a
 were taken for replays and lost. Seeking such partitions to offset 0, or to the log start when nothing is
 committed (`consumer_auto_offset_reset="earliest"`), makes every dropped message come again.
 
+It also answers the fence's question (stream/fencing.py): is this member still in its generation? A Heartbeat
+request sent from the consumer's own thread with aiokafka's generation and member id.
+
 Built on faust-streaming 0.15.3's aiokafka driver (`Consumer._new_consumer_thread`,
-`AIOKafkaConsumerThread.seek_to_committed`); `Transport.Consumer` is the documented place for a consumer class.
+`AIOKafkaConsumerThread.seek_to_committed`) and aiokafka 0.14's coordinator (`_coordinator`, `_send_req`);
+`Transport.Consumer` is the documented place for a consumer class.
 """
 
 from __future__ import annotations
@@ -21,9 +25,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 
+import aiokafka.errors as kafka_errors
 import faust
+from aiokafka.protocol.group import HeartbeatRequest
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
+
+from stream.fencing import Membership
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,26 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
             log.info("input partitions read from their start (committed 0 or nothing): %s",
                      sorted(tp.partition for tp in unsought))  # fmt: skip
         return committed
+
+    async def membership(self, generation: int) -> Membership:
+        """What the group coordinator says of this member in Faust's `generation` (stream/fencing.py)."""
+        return await self.call_thread(self._membership, generation)
+
+    async def _membership(self, generation: int) -> Membership:
+        coordinator = self._ensure_consumer()._coordinator
+        if coordinator.generation != generation:  # aiokafka left or rejoined since Faust's last assignment
+            return Membership.GONE
+        request = HeartbeatRequest(coordinator.group_id, coordinator.generation, coordinator.member_id)
+        try:
+            response = await coordinator._send_req(request)
+        except kafka_errors.KafkaError:
+            return Membership.UNKNOWN
+        error = kafka_errors.for_code(response.error_code)
+        if error in (kafka_errors.NoError, kafka_errors.RebalanceInProgressError):
+            return Membership.MEMBER
+        if error in (kafka_errors.IllegalGenerationError, kafka_errors.UnknownMemberIdError):
+            return Membership.GONE
+        return Membership.UNKNOWN  # coordinator moving or not ready: aiokafka's heartbeat finds it again
 
 
 def install(app: faust.App, input_topics: Iterable[str]) -> None:

@@ -69,7 +69,8 @@ class Continuity:
                     log.warning("partition %d: offsets %d-%d never reached the worker; %d records read from the "
                                 "broker in their place", partition, expected, offset - 1, len(records))  # fmt: skip
                     metrics.INPUT_GAPS.inc()
-                    gap = [Refetched(_message(self.topic, r)) for r in records]
+                    generation = getattr(ev.message, "generation_id", None)  # the fence compares it (fencing.py)
+                    gap = [Refetched(_message(self.topic, r, generation)) for r in records]
                     events += gap
                     filled += gap
             events.append(ev)
@@ -77,7 +78,7 @@ class Continuity:
         return events, filled
 
 
-def _message(topic: str, record: Any) -> Message:
+def _message(topic: str, record: Any, generation: int | None) -> Message:
     return Message(
         topic,
         record.partition,
@@ -89,6 +90,7 @@ def _message(topic: str, record: Any) -> Message:
         record.value,
         None,
         tp=TP(topic, record.partition),
+        generation_id=generation,
     )
 
 

@@ -13,6 +13,8 @@ commit lost updates. Two kinds of failure need opposite answers:
   of the batch is applied. A half that succeeds is done: the step is idempotent for its input (a state knows
   the offsets it folded), so a half that failed midway is simply run again.
 
+A `Fenced` batch (its partitions may have a new owner: stream/fencing.py) ends the run at once.
+
 If every message of a batch of two or more fails on its own, the messages are not the cause (the model returns
 garbage for everyone, say): that is retried like an outage, never dead-lettered wholesale.
 """
@@ -27,6 +29,7 @@ from typing import TypeVar
 
 from aiokafka.errors import KafkaError
 
+from stream.fencing import Fenced
 from stream.inference import ModelMismatch, TritonUnavailable, VersionGone
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,8 @@ class Retrier:
             try:
                 await self.attempt(messages)
                 return None
+            except Fenced:  # the batch is no longer ours: nothing to retry or isolate (stream/fencing.py)
+                raise
             except Exception as exc:
                 self.on_failure(exc, len(messages))
                 if isinstance(exc, NOT_A_MESSAGE_FAULT):

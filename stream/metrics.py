@@ -47,6 +47,15 @@ INPUT_GAPS = Counter(
     "interest_input_gaps_total",
     "Times an events partition skipped offsets on the way to the worker and the skipped records were read again.",
 )
+INPUT_OFFSETS_RESTARTED = Counter(
+    "interest_input_offsets_restarted_total",
+    "Users whose input offsets went back with events newer than any they had folded (a recreated or mirrored"
+    " events topic): the events were applied, not taken for replays.",
+)
+BATCHES_FENCED = Counter(
+    "interest_batches_fenced_total",
+    "Batches abandoned because this worker no longer owned their partitions (a rebalance it slept through).",
+)
 MESSAGES_ISOLATED = Counter(
     "interest_messages_isolated_total",
     "Messages that failed the batch step on their own and were dead-lettered with reason internal.",

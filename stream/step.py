@@ -9,6 +9,9 @@ The step is the ordering of named stages; each lives where its name says:
 5. `publish`: infer the changed users (stream/inference.py), write state + record (stream/tables.py: changelog
    acknowledged, then RocksDB), then send the records to the output topic.
 
+Every write and every send is preceded by the fence (stream/fencing.py): a worker that may have lost the batch's
+partitions in a rebalance abandons the batch instead.
+
 Effectively once, per user: the new value is durable before its record is published, and the state remembers
 the highest input offset it folded. After a crash the uncommitted input is read again; those events are replays
 (`Outcome.REPLAY`), which change nothing, and the user's stored record is published again, byte for byte, once.
@@ -21,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,6 +35,7 @@ from core.sessions import Applied, Outcome, UserState, apply_events, decode_stat
 from stream import metrics
 from stream.deadletter import DeadLetters, Sendable, internal
 from stream.erasure import forget
+from stream.fencing import Fenced, abandon, allow
 from stream.inference import InterestModel
 from stream.isolation import Retrier
 from stream.settings import Settings
@@ -54,6 +58,7 @@ class Folded:
     pairs: Pairs
     report: Applied
     changed: bool  # the state differs from the stored one
+    stored_seq: int  # the seq of the stored state (and of its record, when it has one)
 
 
 class BatchStep:
@@ -68,8 +73,10 @@ class BatchStep:
         model: InterestModel | None,
         *,
         on_stage: Callable[[str, int], None] | None = None,
+        fence: Callable[[list[Any]], Awaitable[None]] = allow,
     ) -> None:
         self.tables, self.dlq, self.output, self.model = tables, dlq, output, model
+        self.fence = fence  # stream/fencing.py: raises Fenced when the batch's partitions may have a new owner
         self.session_cfg = settings.session_config()
         self.limits = {
             "max_bytes": settings.event_max_bytes,
@@ -79,7 +86,7 @@ class BatchStep:
         self.dlq_max_bytes, self.stall_s = settings.dlq_max_value_bytes, settings.health_stall_s
         self.on_stage = on_stage or (lambda point, published: None)
         self.published = 0
-        self.republished: set[bytes] = set()  # users whose stored record this process already sent again
+        self.republished: dict[bytes, int] = {}  # user -> seq of the stored record this process last sent again
         self.sleep = asyncio.sleep  # the retry back-off (tests pass a fake)
         self.started: dict[int, float] = {}  # batches in flight: id -> monotonic start
         self.failing: set[int] = set()  # batches whose last attempt failed (being retried)
@@ -102,7 +109,12 @@ class BatchStep:
 
         try:
             retrier = Retrier(lambda part: self.process(part, dead), on_failure=failed, sleep=self.sleep)
-            if culprits := await retrier.run(batch):
+            try:
+                culprits = await retrier.run(batch)
+            except Fenced:
+                abandon(ev.message for ev in batch)
+                return
+            if culprits:
                 for culprit in culprits:
                     await dead.send(culprit.message, internal(culprit.error))  # type: ignore[arg-type]
                 await dead.flush()
@@ -115,20 +127,23 @@ class BatchStep:
         """One attempt at `batch`. The DLQ sends are awaited at its end, also when it fails, so a retry knows
         exactly which were delivered."""
         dead = DeadLetters(self.dlq, self.dlq_max_bytes) if dead is None else dead
+        owned = [ev.message for ev in batch]
         try:
             by_user, elements = await self.validate(batch, dead)
             if any(isinstance(m, Forget) for pairs in by_user.values() for m, _ in pairs):
+                await self.fence(owned)
                 by_user = await forget(by_user, self.tables, self.output, dead, self.stage)  # type: ignore[arg-type]
             users = [await self.fold(key, pairs, dead, elements) for key, pairs in by_user.items()]  # type: ignore[arg-type]
-            await self.republish([u for u in users if Outcome.REPLAY in u.report.outcomes])
+            await self.republish([u for u in users if Outcome.REPLAY in u.report.outcomes], owned)
             # with inference on, a dirty state (changed now, or stored while inference was off) gets a new record;
             # any other change (ingest only, identities' bookkeeping) is stored with the record it had
             infer = self.model is not None
             to_infer = [u for u in users if infer and u.state.dirty]
             keep = [self._keep_record(u) for u in users if u.changed and not (infer and u.state.dirty)]
             if to_infer:
-                await self.publish(to_infer, keep)
-            else:
+                await self.publish(to_infer, keep, owned)
+            elif keep:
+                await self.fence(owned)
                 await self.tables.write(keep)
         finally:
             await dead.flush()
@@ -171,30 +186,38 @@ class BatchStep:
                     ev, Rejection("late", f"event time is {lag_s:.0f} s behind the user's latest"), index, raw
                 )
         metrics.SESSIONS_STARTED.inc(report.new_sessions)
-        return Folded(key, partition, stored, new_state, pairs, report, changed=new_state is not state)
+        if report.new_incarnation:
+            metrics.INPUT_OFFSETS_RESTARTED.inc()
+            log.warning("user %r: input offsets went back to %d with new events (events topic recreated?): applied",
+                        key, offsets[0])  # fmt: skip
+        return Folded(key, partition, stored, new_state, pairs, report, new_state is not state, state.seq)
 
-    async def republish(self, replayed: list[Folded]) -> None:
+    async def republish(self, replayed: list[Folded], owned: list[Any]) -> None:
         """A user whose input is read again (a crash came after its value was stored) may not have reached the
         output: its stored record goes out again, before any newer record (so a consumer sees seqs in order), and
-        once per process, however many batches the re-read input spans."""
-        again = [
-            (u.key, u.stored.record) for u in replayed if u.stored and u.stored.record and u.key not in self.republished
-        ]
+        once per record and process, however many batches the re-read input spans. Per record, not per user: a
+        partition that comes back after another worker crashed past a newer record needs that one sent too."""
+        again = [u for u in replayed if u.stored and u.stored.record and self.republished.get(u.key, -1) < u.stored_seq]
         if again:
-            await asyncio.gather(*[await self.output.send(key=key, value=record) for key, record in again])
-            self.republished.update(key for key, _ in again)
+            await self.fence(owned)
+            sends = [await self.output.send(key=u.key, value=u.stored.record) for u in again]  # type: ignore[union-attr]
+            await asyncio.gather(*sends)
+            self.republished.update((u.key, u.stored_seq) for u in again)
             metrics.OUTPUTS_REPUBLISHED.inc(len(again))
 
-    async def publish(self, users: list[Folded], keep: list[Write]) -> None:
+    async def publish(self, users: list[Folded], keep: list[Write], owned: list[Any]) -> None:
         """Infer; write the new states with their records, and `keep` (changelog acknowledged, then RocksDB);
-        then publish."""
+        then publish. Both the write and the sends happen only while this worker owns `owned`'s partitions."""
         assert self.model is not None
         metrics.USERS_PENDING.set(len(users))
         states = [replace(u.state, seq=u.state.seq + 1, dirty=False) for u in users]
         records = await self.model.records([u.key.decode() for u in users], states)
         updates = [Write(u.partition, u.key, self._value(s, r)) for u, s, r in zip(users, states, records, strict=True)]
+        self.stage("before_changelog")
+        await self.fence(owned)
         await self.tables.write([*keep, *updates])
         self.stage("before_publish")
+        await self.fence(owned)
         delivered = [await self.output.send(key=u.key, value=r) for u, r in zip(users, records, strict=True)]
         await asyncio.gather(*delivered)
         published_at = time.time()

@@ -184,6 +184,23 @@ def test_a_replay_republishes_the_stored_record_once_byte_for_byte() -> None:
     assert output.sent[-1][1] == output.sent[-2][1] == tables.records[b"a"], "byte for byte"
 
 
+def test_a_partition_that_comes_back_republishes_a_newer_stored_record_it_had_republished_an_older_one_of() -> None:
+    """Worker 1 republished user a's seq 1; a's partition moved to worker 2, which stored seq 2 and was killed
+    before publishing it; the partition comes back to worker 1 and the input is read again: seq 2 goes out (it
+    was never published; a once-per-user rule kept it back: the seq gap of scale-out test b)."""
+    model = FakeModel()
+    w1, tables, _, output = make_step(model)
+    first = [message("a", 1, 0)]
+    asyncio.run(w1.process(first))
+    asyncio.run(w1.process(first))  # a replay: seq 1 republished
+    killed_before_publish = FakeTopic()
+    w2 = BatchStep(Settings(_env_file=None), tables, FakeTopic(), killed_before_publish, model)  # type: ignore[arg-type]
+    asyncio.run(w2.process([*first, message("a", 2, 1)]))
+    asyncio.run(w1.process([*first, message("a", 2, 1)]))  # back on worker 1: all replays
+    assert [json.loads(v)["seq"] for _, v, _ in output.sent] == [1, 1, 2]
+    assert output.sent[-1][1] == tables.records[b"a"]
+
+
 def test_health_degrades_while_a_batch_fails_or_stalls() -> None:
     model = FakeModel(fail=1)
     step, *_ = make_step(model, health_stall_s=0.05)
@@ -227,7 +244,7 @@ def test_stages_are_reported_for_fault_injection() -> None:
     step, *_ = make_step(FakeModel())
     step.on_stage = lambda point, published: seen.append((point, published))
     asyncio.run(step.process([message("a", 1, 0), message("b", 1, 1)]))
-    assert seen == [("before_publish", 0), ("after_publish", 2)]
+    assert seen == [("before_changelog", 0), ("before_publish", 0), ("after_publish", 2)]
 
 
 def test_a_forget_erases_the_user_and_later_events_start_a_fresh_history() -> None:
@@ -284,7 +301,7 @@ def test_an_erasure_stage_is_reported_for_fault_injection() -> None:
     step, *_ = make_step(FakeModel())
     step.on_stage = lambda point, published: seen.append((point, published))
     asyncio.run(step.process([message("a", 1, 0), forget("a", 1), message("a", 2, 2)]))
-    assert seen == [("after_forget_tables", 0), ("before_publish", 0), ("after_publish", 1)]
+    assert seen == [("after_forget_tables", 0), ("before_changelog", 0), ("before_publish", 0), ("after_publish", 1)]
 
 
 def envelope(user: str, raws: list[bytes], offset: int) -> FakeEvent:

@@ -32,8 +32,8 @@ def record(partition: int, offset: int) -> Any:
     )
 
 
-def event(partition: int, offset: int) -> Any:
-    return SimpleNamespace(message=SimpleNamespace(partition=partition, offset=offset))
+def event(partition: int, offset: int, generation: int = 1) -> Any:
+    return SimpleNamespace(message=SimpleNamespace(partition=partition, offset=offset, generation_id=generation))
 
 
 def where(events: list[Any]) -> list[tuple[int, int, bool]]:
@@ -55,6 +55,7 @@ def test_skipped_offsets_are_read_from_the_broker_and_put_in_their_place() -> No
     assert where(events) == [(0, 2, False), (0, 3, True), (0, 4, True), (0, 5, False), (0, 6, False)]
     assert [f.message.offset for f in filled] == [3, 4] and broker.reads == [(0, 3, 5)]
     assert filled[0].message.topic == "events" and filled[0].message.tp.partition == 0
+    assert filled[0].message.generation_id == 1, "the generation of the batch it fills (the fence compares it)"
     events, _ = asyncio.run(check.fill([event(0, 9)]))  # across batches too
     assert where(events) == [(0, 7, True), (0, 8, True), (0, 9, False)]
 

@@ -13,7 +13,7 @@ import pytest
 
 from local import longpoll
 from local.broker import run_sync
-from local.worker import worker_command
+from local.worker import FAULT_VARIABLES, worker_command
 from stream.settings import Settings
 
 CAP_MS = 50.0
@@ -127,7 +127,8 @@ def test_environment_switch() -> None:
     # the worker runs behind the shim only when asked; a fault still runs the fault injector (which installs it)
     assert worker_command({})[-1] != "local.longpoll"
     assert worker_command(longpoll.env())[-2:] == ["-m", "local.longpoll"]
-    assert worker_command({**longpoll.env(), "FAULT_KILL_AT": "before_publish"})[-2:] == ["-m", "local.faults"]
+    for fault in FAULT_VARIABLES:
+        assert worker_command({**longpoll.env(), fault: "x"})[-2:] == ["-m", "local.faults"], fault
 
 
 async def _fetch_sizes(settings: Settings, total: int) -> tuple[list[int], list[int]]:

@@ -122,7 +122,7 @@ def test_a_crash_replay_changes_nothing(events, committed):
     state = fold_with_offsets(events, outcomes=first)
     committed = min(committed, len(events))
     replayed, report = apply_events(state, events[committed:], SMALL, offsets=list(range(committed, len(events))))
-    assert replayed == state
+    assert replayed == state and not report.new_incarnation
     for before, after in zip(first[committed:], report.outcomes, strict=True):
         # applied -> replay; duplicate or late (whose offsets the state does not store) -> the same again
         assert after is Outcome.REPLAY or after is before is not Outcome.APPLIED, (before, after)
@@ -155,6 +155,25 @@ def test_replay_recognised_by_offset_after_eviction():
     again, report = apply_events(state, events, SMALL, offsets=list(range(len(events))))
     assert report.outcomes == [Outcome.REPLAY] * len(events) and again == state
     assert state.events_seen == 30 and state.input_offset == 29
+
+
+def test_a_recreated_topic_is_detected_and_its_events_applied_not_swallowed_as_replays():
+    """Issue 25: the events topic is recreated (offsets start again at 0) while the changelogs are kept. Its new
+    events sit at offsets the state already passed, but they are newer than anything folded, with identities
+    never seen: applied, and the offset witness restarts from the new topic's offsets, so a crash replay of the
+    new topic is still recognised."""
+    old = [ev(T0 + k * MIN, item=f"i{k}", eid=f"old{k}") for k in range(30)]
+    state = fold_with_offsets(old)
+    assert state.input_offset == 29
+    new = [ev(T0 + (60 + k) * MIN, item=f"n{k}", eid=f"new{k}") for k in range(5)]
+    after, report = apply_events(state, new, SMALL, offsets=list(range(5)))
+    assert report.outcomes == [Outcome.APPLIED] * 5 and report.new_incarnation
+    assert after.events_seen == 35 and after.input_offset == 4
+    again, report = apply_events(after, new, SMALL, offsets=list(range(5)))
+    assert report.outcomes == [Outcome.REPLAY] * 5 and again == after and not report.new_incarnation
+    # a replay of the old topic's own events (offsets the state passed, times it has seen) stays a replay
+    _, report = apply_events(state, old[25:], SMALL, offsets=list(range(25, 30)))
+    assert report.outcomes == [Outcome.REPLAY] * 5 and not report.new_incarnation
 
 
 def test_a_forget_is_a_replay_only_when_a_newer_state_exists():

@@ -9,7 +9,8 @@ One run per standby setting (1, then 0), each on a fresh local broker and the CP
 2. **serve**: the workers restart with Triton on the same broker and state directories; live traffic at `rate`
    events/s for random users; the benchmark reads the output topic as a downstream consumer would;
 3. **kill**: one worker is SIGKILLed. noida-db never evicts a killed group member, so the broker is restarted
-   cleanly right after (included in the time; with Apache Kafka the session timeout takes its place);
+   cleanly right after, the survivors frozen meanwhile (`local.broker.restart_quietly`; included in the time;
+   with Apache Kafka the session timeout takes its place);
 4. **takeover**: for every events partition the victim held, the first output record published after the kill;
    `takeover_s` is the latest of those, minus the kill time.
 
@@ -31,7 +32,7 @@ from pathlib import Path
 from aiokafka.partitioner import murmur2
 
 from core.schema import Event, encode_event
-from local.broker import LocalBroker, run_sync
+from local.broker import restart_quietly, run_sync
 from local.pipeline import LocalPipeline
 from local.replay import publish
 from stream.settings import Settings
@@ -186,9 +187,8 @@ def run_one(
             killed_at = time.time()
             victim.process.kill()  # type: ignore[union-attr]
             assert pipeline.broker is not None
-            port = pipeline.broker.port
-            pipeline.broker.stop()
-            pipeline.broker = LocalBroker(work_dir / "broker", port=port).start()
+            survivors = [w.pid for w in pipeline.workers[1:] if w.pid is not None]
+            pipeline.broker = restart_quietly(pipeline.broker, survivors)
             deadline = time.monotonic() + 300
             first: dict[int, float] = {}
             while set(first) < set(moved) and time.monotonic() < deadline:
