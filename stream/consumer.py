@@ -13,7 +13,8 @@ were taken for replays and lost. Seeking such partitions to offset 0, or to the 
 committed (`consumer_auto_offset_reset="earliest"`), makes every dropped message come again.
 
 Built on faust-streaming 0.15.3's aiokafka driver (`Consumer._new_consumer_thread`,
-`AIOKafkaConsumerThread.seek_to_committed`); `Transport.Consumer` is the documented place for a consumer class.
+`AIOKafkaConsumerThread.seek_to_committed`) and aiokafka 0.14.0's `seek_to_committed`; `install` refuses other
+releases (stream/pins.py). `Transport.Consumer` is the documented place for a consumer class.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from collections.abc import Iterable, Mapping
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
+
+from stream import pins
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,9 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
 
 def install(app: faust.App, input_topics: Iterable[str]) -> None:
-    """Make `app` use this consumer for `input_topics` (before its consumer is created)."""
+    """Make `app` use this consumer for `input_topics` (before its consumer is created); `pins.UnsupportedRelease`
+    on a Faust or aiokafka this was not written for."""
+    pins.require("faust", "aiokafka")
     thread = type("ConsumerThread", (ConsumerThread,), {"input_topics": frozenset(input_topics)})
 
     class Consumer(faust_aiokafka.Consumer):

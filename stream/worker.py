@@ -18,7 +18,7 @@ from collections.abc import Callable
 import faust
 import typer
 
-from stream import metrics
+from stream import metrics, pins
 from stream.app import create_app
 from stream.inference import InterestModel
 from stream.settings import Settings
@@ -48,6 +48,7 @@ def run_worker(
     """
     from prometheus_client import start_http_server
 
+    pins.require()  # before anything runs on a Faust or aiokafka release the worker was not written for
     metrics.set_build_info(worker_version=_version())  # the model fields follow the version in use (versions.py)
     if settings.triton_url:
         asyncio.run(check_inference(settings))

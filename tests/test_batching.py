@@ -10,10 +10,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import faust
-import pytest
-
-from stream import batching
 from stream.batching import take_batches
 
 
@@ -102,16 +98,3 @@ def test_batches_open_at_the_first_event_hold_at_most_max_and_are_acked_after_ha
         stream.reader.cancel()
 
     asyncio.run(main())
-
-
-def test_another_faust_version_falls_back_to_faust_take_events(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(faust, "__version__", "0.99.0")
-    calls: list[tuple[int, float]] = []
-
-    class Stream:
-        def take_events(self, max_: int, within: float) -> str:
-            calls.append((max_, within))
-            return "faust's own"
-
-    assert take_batches(Stream(), 10, 0.05) == "faust's own" and calls == [(10, 0.05)]  # type: ignore[arg-type]
-    assert batching.FAUST_VERSION == "0.15.3"
