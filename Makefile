@@ -1,13 +1,14 @@
 # Two commands do all set-up on a fresh clone:
 #   make demo   runs the embedded local pipeline
 #   make test   runs the tests
+# The venv is installed from the hashed lock in requirements/; `make lock` refreshes it from pyproject.toml.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench-ingest
+.PHONY: install demo test lint lock bench-ingest
 
-$(STAMP): pyproject.toml Makefile scripts/setup.sh
+$(STAMP): pyproject.toml Makefile scripts/setup.sh requirements/dev.txt requirements/torch.txt
 	bash scripts/setup.sh $(VENV)
 	touch $(STAMP)
 
@@ -23,3 +24,8 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check core stream models local tests
 	$(VENV)/bin/ruff format --check core stream models local tests
+
+# Refresh the hashed lock (requirements/dev.txt, requirements/worker.txt) from pyproject.toml; UPGRADE=1 moves
+# every pin to the newest allowed release. Then `make test` (it reinstalls the venv from the new lock).
+lock:
+	UPGRADE=$(UPGRADE) bash scripts/lock.sh
