@@ -46,12 +46,15 @@ def test_an_empty_fetch_is_held_for_the_rest_of_its_wait_doubling_to_the_cap(mon
     async def sleep(seconds: float) -> None:
         holds.append(round(seconds, 6))
 
-    monkeypatch.setattr(longpoll, "_original", fetch)
     monkeypatch.setattr(longpoll, "_max_wait_s", CAP_MS / 1000)
     monkeypatch.setattr(longpoll, "time", SimpleNamespace(monotonic=lambda: now[0]))
     monkeypatch.setattr(longpoll, "asyncio", SimpleNamespace(sleep=sleep, CancelledError=asyncio.CancelledError))
     fetcher = SimpleNamespace(_fetch_max_wait_ms=500, _max_partition_fetch_bytes=1024, _records={})
-    got = [asyncio.run(longpoll._long_polled(fetcher, None, node, None)) for node in [1] * 8 + [2]]
+    longpoll._original = fetch  # what the shim wraps; aiokafka's Fetcher itself is never touched here
+    try:
+        got = [asyncio.run(longpoll._long_polled(fetcher, None, node, None)) for node in [1] * 8 + [2]]
+    finally:
+        longpoll._original = None
     assert got == [False, False, True, False, False, False, False, False, False]
     assert holds == [0.05, 0.04, 0.005, 0.01, 0.02, 0.04, 0.05], "node 2: its 70 ms round trip outlasted its wait"
     assert fetcher._longpoll_waits == {1: 0.05, 2: 0.05}
