@@ -26,13 +26,20 @@ for dir in ${TORCH_FIND_LINKS:-${PIP_FIND_LINKS:-$(python3 -m pip config get glo
     links+=(--find-links "$dir")
 done
 
+# Each file is written beside the lock (the old pins are the resolver's preferences) and replaces it only once
+# it is complete and checked, so a failed run leaves the lock as it was.
+new=$(mktemp -d)
+trap 'rm -rf "$new"' EXIT
+cp requirements/dev.txt requirements/worker.txt "$new/" 2>/dev/null || true
 "${compile[@]}" pyproject.toml requirements/build.in --extra train --extra local --extra dev \
-    -c requirements/torch.txt --no-emit-package torch "${links[@]}" -o requirements/dev.txt
-if grep -qE '^(triton|nvidia-(cu|nccl|nvjitlink|nvtx|nvshmem)[a-z0-9-]*)==' requirements/dev.txt; then
-    echo "lock: torch was resolved as a CUDA build (its nvidia-*/triton dependencies are in requirements/dev.txt);" \
-        "set TORCH_FIND_LINKS to the directory holding the torch CPU wheel and run it again" >&2
+    -c requirements/torch.txt --no-emit-package torch "${links[@]}" -o "$new/dev.txt"
+if grep -qE '^(triton|nvidia-(cu|nccl|nvjitlink|nvtx|nvshmem)[a-z0-9-]*)==' "$new/dev.txt"; then
+    echo "lock: torch was resolved as a CUDA build (its nvidia-*/triton dependencies came with it); set" \
+        "TORCH_FIND_LINKS to the directory holding the torch CPU wheel and run it again" >&2
     exit 1
 fi
-"${compile[@]}" pyproject.toml requirements/build.in -c requirements/dev.txt -o requirements/worker.txt
+mv "$new/dev.txt" requirements/dev.txt
+"${compile[@]}" pyproject.toml requirements/build.in -c requirements/dev.txt -o "$new/worker.txt"
+mv "$new/worker.txt" requirements/worker.txt
 echo "lock: requirements/dev.txt $(grep -c '^[a-z0-9].*==' requirements/dev.txt) packages," \
     "requirements/worker.txt $(grep -c '^[a-z0-9].*==' requirements/worker.txt)"
