@@ -19,8 +19,8 @@ in one fetch with a 64 KiB limit). One user with a 100k-event backlog then holds
 worker back until it is drained. The wrapper cuts each fetched partition at the consumer's
 `max_partition_fetch_bytes`, as Kafka would; the fetcher then fetches the rest from the next offset.
 
-Pinned: it patches a private method, so it installs only on the aiokafka version it was written and tested
-against (`PINNED_AIOKAFKA`); on another version it warns and leaves aiokafka alone.
+Pinned: it patches a private method, so it installs only on the aiokafka release it was written and tested
+against (stream/pins.py); on another release `install` raises instead of leaving consumers to spin unnoticed.
 
 Switched on by the local pipeline (`local.pipeline.LocalPipeline`) and the test fixtures through the environment
 variable `INTEREST_STREAM_LOCAL_LONGPOLL=1` (cap in `INTEREST_STREAM_LOCAL_LONGPOLL_MS`, default 100; `0` or unset =
@@ -33,11 +33,11 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-import warnings
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
-PINNED_AIOKAFKA = "0.14.0"
+from stream import pins
+
 ENV = "INTEREST_STREAM_LOCAL_LONGPOLL"
 ENV_MS = "INTEREST_STREAM_LOCAL_LONGPOLL_MS"
 DEFAULT_MAX_WAIT_MS = 100.0
@@ -52,22 +52,14 @@ def installed() -> bool:
 
 
 def install(max_wait_ms: float = DEFAULT_MAX_WAIT_MS) -> bool:
-    """Patch aiokafka's fetcher (idempotent; a second call only changes the cap). False, with a warning, on an
-    aiokafka other than `PINNED_AIOKAFKA` or without the method it patches."""
+    """Patch aiokafka's fetcher (idempotent; a second call only changes the cap); True once installed.
+    `pins.UnsupportedRelease` on an aiokafka other than the pinned one (stream/pins.py)."""
     global _original, _max_wait_s
-    import aiokafka
     from aiokafka.consumer.fetcher import Fetcher
 
     if max_wait_ms <= 0:
         raise ValueError("max_wait_ms must be > 0")
-    if aiokafka.__version__ != PINNED_AIOKAFKA or not hasattr(Fetcher, "_proc_fetch_request"):
-        warnings.warn(
-            f"local.longpoll: written for aiokafka {PINNED_AIOKAFKA}, found {aiokafka.__version__}; not installed "
-            "(idle consumers on the local broker will spin)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return False
+    pins.require("aiokafka")
     _max_wait_s = max_wait_ms / 1000
     if _original is None:
         _original = Fetcher._proc_fetch_request

@@ -11,16 +11,21 @@ from pydantic import SecretStr
 
 from local.longpoll import max_wait_from_env
 from local.process import Supervised
-from stream.settings import Settings
+from stream.settings import ENV_PREFIXES, Settings
 
 
 def settings_env(settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The process environment that makes `Settings()` in a child equal `settings` (plus `extra` overrides).
 
-    Inherited variables named like a Settings field are dropped first, so nothing of the caller's shell leaks
-    in; relative paths are made absolute, as the child may run in another directory.
+    Inherited variables named like a Settings field, or with a settings prefix (the worker refuses unknown ones:
+    `stream.settings.unknown_variables`), are dropped first, so nothing of the caller's shell leaks in; relative
+    paths are made absolute, as the child may run in another directory.
     """
-    env = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.lower() not in Settings.model_fields and not k.upper().startswith(ENV_PREFIXES)
+    }
     for name in Settings.model_fields:
         value = getattr(settings, name)
         if value is None:

@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# Creates the project's virtualenv. torch==2.13.0 is installed first: that exact pin is a CPU build on
-# local disk, while any looser spec (pulled in by another package) downloads a multi-GB CUDA build.
+# Creates the project's virtualenv from the hashed lock: every clone and CI test the same versions.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 venv=${1:-.venv}
 python3.11 -m venv "$venv" 2>/dev/null || python3 -m venv "$venv"
-"$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q torch==2.13.0
-"$venv/bin/python" -m pip install -q -e '.[train,local,dev]'
+pip=("$venv/bin/python" -m pip install -q)
+# Every dependency, with its hash (requirements/dev.txt; `make lock` refreshes it): pip refuses a file whose hash
+# differs and any dependency the lock does not list.
+"${pip[@]}" --require-hashes -r requirements/dev.txt
+# torch, by exact version and without dependencies (they came with the lock): requirements/torch.txt says why it is
+# not hashed. That exact pin is a CPU build on local disk; a looser spec would download a multi-GB CUDA build.
+"${pip[@]}" --no-deps -r requirements/torch.txt
+# The project itself, editable, resolving nothing more (its build backend is in the lock too).
+"${pip[@]}" --no-deps --no-build-isolation -e .
+"$venv/bin/python" -m pip check
 
 # ---------------------------------------------------------------------------------------------------------
 # Deployment checks (tests/test_deploy.py): promtool (Debian package prometheus) and docker-compose v1.

@@ -5,36 +5,30 @@ came: an idle agent wakes 1/within times a second, 0.3-0.4 ms of CPU each on the
 core at a 50 ms window, 0.021 at 20 ms, against an idle budget of 0.02 (docs/benchmarks.md). Here the window opens
 at the first buffered event: with nothing buffered the loop waits for an event (or the stop) with no timer. The
 window can then be short without an idle cost. Everything else (the buffer, the acks once the agent moves on, the stop)
-is Faust's own code, copied from faust-streaming 0.15.3 (`faust/streams.py`). Pinned: on any other version
-`take_batches` falls back to the original `take_events` and logs a warning (an idle worker wakes more often,
-nothing else changes). Re-read that method before moving the pin.
+is Faust's own code, copied from faust-streaming 0.15.3 (`faust/streams.py`). Pinned (stream/pins.py): on any
+other release `take_batches` raises `UnsupportedRelease` rather than run a copy of code that may have changed
+under it, and the worker refuses to start before that. Re-read that method before moving the pin.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from asyncio import CancelledError
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
-import faust
 from faust.types import EventT, StreamT
 from mode import want_seconds
 from mode.utils.aiter import aiter
 from mode.utils.futures import notify
 
-log = logging.getLogger(__name__)
-
-FAUST_VERSION = "0.15.3"
+from stream import pins
 
 
 def take_batches(stream: StreamT, max_: int, within: float) -> AsyncGenerator[Sequence[EventT], None]:
-    """Batches of at most `max_` events, each yielded `within` seconds after its first event (or when full)."""
-    if faust.__version__ != FAUST_VERSION:
-        log.warning("faust %s, not %s: batches from Faust's take_events (an idle agent wakes every %.3f s)",
-                    faust.__version__, FAUST_VERSION, within)  # fmt: skip
-        return stream.take_events(max_, within)
+    """Batches of at most `max_` events, each yielded `within` seconds after its first event (or when full).
+    Raises `pins.UnsupportedRelease` on a Faust other than the one `_take_events` was copied from."""
+    pins.require("faust")
     agen = _take_events(stream, max_, within)
     stream._active_agens.add(agen)  # type: ignore[attr-defined]  # as Faust's @_tracks_buffer_agen does: closed on stop
     return agen

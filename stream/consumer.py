@@ -16,8 +16,9 @@ It also answers the fence's question (stream/fencing.py): is this member still i
 request sent from the consumer's own thread with aiokafka's generation and member id.
 
 Built on faust-streaming 0.15.3's aiokafka driver (`Consumer._new_consumer_thread`,
-`AIOKafkaConsumerThread.seek_to_committed`) and aiokafka 0.14's coordinator (`_coordinator`, `_send_req`);
-`Transport.Consumer` is the documented place for a consumer class.
+`AIOKafkaConsumerThread.seek_to_committed`) and aiokafka 0.14.0's `seek_to_committed` and coordinator
+(`_coordinator`, `_send_req`); `install` refuses other releases (stream/pins.py). `Transport.Consumer` is the
+documented place for a consumer class.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from aiokafka.protocol.group import HeartbeatRequest
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
+from stream import pins
 from stream.fencing import Membership
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,9 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
 
 def install(app: faust.App, input_topics: Iterable[str]) -> None:
-    """Make `app` use this consumer for `input_topics` (before its consumer is created)."""
+    """Make `app` use this consumer for `input_topics` (before its consumer is created); `pins.UnsupportedRelease`
+    on a Faust or aiokafka this was not written for."""
+    pins.require("faust", "aiokafka")
     thread = type("ConsumerThread", (ConsumerThread,), {"input_topics": frozenset(input_topics)})
 
     class Consumer(faust_aiokafka.Consumer):

@@ -1,14 +1,19 @@
 """Worker settings, read from environment variables (or a `.env` file) and CLI flags.
 
 Every field maps to one upper-case environment variable of the same name (`kafka_bootstrap_servers` ->
-`KAFKA_BOOTSTRAP_SERVERS`). Unknown `INTEREST_*`-style variables are not guessed at: deployment files are
-checked against `Settings.model_fields` by the tests, so a typo there fails CI instead of being ignored.
+`KAFKA_BOOTSTRAP_SERVERS`). A variable that looks like a setting but is none is a typo the settings would drop
+without a word (`WORKER_BACH_MAX=500` leaves the batch at 1000), so the worker refuses to start on one:
+`unknown_variables` names every variable with a settings prefix (`ENV_PREFIXES`) that is no field, with the
+closest field. The deployment files are checked against the same list by the tests.
 """
 
 from __future__ import annotations
 
+import difflib
+import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -146,3 +151,41 @@ class Settings(BaseSettings):
         if ssl_context is not None:
             return faust.SSLCredentials(ssl_context)
         return None
+
+
+#: The first words of the fields: a variable starting with one of them is meant for the worker. `APP_` (app_id)
+#: is left out: platforms set APP_* variables of their own (APP_ENV, APP_NAME); tests/test_settings_env.py checks
+#: that every other field is covered.
+ENV_PREFIXES: Final = (
+    "KAFKA_", "TOPIC_", "EVENT_", "DLQ_", "SESSION_", "STATE_", "TRITON_", "MODEL_", "WORKER_", "METRICS_", "HEALTH_",
+)  # fmt: skip
+#: Kubernetes injects these for every Service of the namespace (a Service `triton` gives TRITON_SERVICE_HOST,
+#: TRITON_PORT=tcp://..., TRITON_PORT_8001_TCP_ADDR, ...): never settings, never refused.
+_SERVICE_LINK = re.compile(r"\w+_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(ADDR|PORT|PROTO))?)?)")
+
+
+class UnknownSetting(ValueError):
+    """The environment holds a variable named like a setting that is none (a typo would be silently ignored)."""
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line per variable with a settings prefix that is no setting, naming the closest setting if any.
+    Case-insensitive, as the settings read them."""
+    fields = sorted(name.upper() for name in Settings.model_fields)
+    found = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if upper in fields or not upper.startswith(ENV_PREFIXES) or _SERVICE_LINK.fullmatch(upper):
+            continue
+        close = difflib.get_close_matches(upper, fields, n=1, cutoff=0.6)
+        found.append(f"{name} is not a setting" + (f" (did you mean {close[0]}?)" if close else ""))
+    return found
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Raise `UnknownSetting` naming every unknown variable with a settings prefix (see `unknown_variables`)."""
+    if found := unknown_variables(environ):
+        raise UnknownSetting(
+            "; ".join(found) + f". Variables starting with {', '.join(ENV_PREFIXES)} are read as settings: each must "
+            "be a field of stream/settings.py (docs/operations.md, Settings)."
+        )

@@ -18,10 +18,10 @@ from collections.abc import Callable
 import faust
 import typer
 
-from stream import metrics
+from stream import metrics, pins
 from stream.app import create_app
 from stream.inference import InterestModel
-from stream.settings import Settings
+from stream.settings import Settings, UnknownSetting, check_environment
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,10 @@ def run_worker(
     """
     from prometheus_client import start_http_server
 
+    # Refused before anything starts: a variable meant as a setting that is none (a typo the settings would
+    # drop), or a Faust / aiokafka release the worker was not written for.
+    check_environment(os.environ)
+    pins.require()
     metrics.set_build_info(worker_version=_version())  # the model fields follow the version in use (versions.py)
     if settings.triton_url:
         asyncio.run(check_inference(settings))
@@ -145,7 +149,11 @@ def worker(
         "worker_web_port": web_port,
         "metrics_port": metrics_port,
     }
-    run_worker(Settings(**{k: v for k, v in overrides.items() if v is not None}))
+    try:
+        run_worker(Settings(**{k: v for k, v in overrides.items() if v is not None}))
+    except (UnknownSetting, pins.UnsupportedRelease) as exc:
+        typer.echo(f"interest-stream-worker: refusing to start: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def main() -> None:

@@ -208,9 +208,18 @@ def test_health_degrades_while_a_batch_fails_or_stalls() -> None:
     seen: list[dict[str, Any]] = []
 
     async def run() -> None:
+        retry_waits, release = asyncio.Event(), asyncio.Event()
+
+        async def back_off(seconds: float) -> None:  # the retry's back-off, held until the health was read
+            retry_waits.set()
+            await release.wait()
+
+        step.sleep = back_off
         task = asyncio.create_task(step.process_until_done([message("a", 1, 0)]))
-        await asyncio.sleep(0.1)  # first attempt failed, the retry waits 0.5 s
+        await retry_waits.wait()  # the first attempt failed
+        await asyncio.sleep(0.06)  # in flight longer than HEALTH_STALL_S (a loaded box only waits longer)
         seen.append(step.health())
+        release.set()
         await task
         seen.append(step.health())
 
@@ -239,12 +248,28 @@ def test_ingest_only_stores_state_without_publishing() -> None:
     assert output.sent == [] and tables.records == {}
 
 
-def test_stages_are_reported_for_fault_injection() -> None:
-    seen: list[tuple[str, int]] = []
+def log_stages(step: BatchStep) -> None:
+    """Fault points go into `WRITES` too: the test sees which writes a kill at each point would come after."""
+    step.on_stage = lambda point, published: WRITES.append(("stage", f"{point} {published}".encode()))
+    WRITES.clear()
+
+
+def test_stages_are_reported_between_the_writes_they_name() -> None:
+    """A kill (or freeze) at `before_changelog` must find nothing written; at `before_publish`, every value stored
+    and nothing published; at `after_publish`, every record sent (local/faults.py acts there): the stages are
+    checked in the ordered log of the writes."""
     step, *_ = make_step(FakeModel())
-    step.on_stage = lambda point, published: seen.append((point, published))
+    log_stages(step)
     asyncio.run(step.process([message("a", 1, 0), message("b", 1, 1)]))
-    assert seen == [("before_changelog", 0), ("before_publish", 0), ("after_publish", 2)]
+    assert WRITES == [
+        ("stage", b"before_changelog 0"),
+        ("table", b"a"),
+        ("table", b"b"),
+        ("stage", b"before_publish 0"),
+        ("topic", b"a"),
+        ("topic", b"b"),
+        ("stage", b"after_publish 2"),
+    ]
 
 
 def test_a_forget_erases_the_user_and_later_events_start_a_fresh_history() -> None:
@@ -296,12 +321,20 @@ def test_a_retried_batch_executes_its_forget_once_and_a_forget_with_another_key_
     assert [h["dlq.reason"] for _, _, h in dlq.sent] == [b"key_mismatch"]
 
 
-def test_an_erasure_stage_is_reported_for_fault_injection() -> None:
-    seen: list[tuple[str, int]] = []
+def test_the_erasure_stage_is_reported_after_the_deletion_and_before_the_tombstone() -> None:
     step, *_ = make_step(FakeModel())
-    step.on_stage = lambda point, published: seen.append((point, published))
+    log_stages(step)
     asyncio.run(step.process([message("a", 1, 0), forget("a", 1), message("a", 2, 2)]))
-    assert seen == [("after_forget_tables", 0), ("before_changelog", 0), ("before_publish", 0), ("after_publish", 1)]
+    assert WRITES == [
+        ("table", b"a"),  # the deletion
+        ("stage", b"after_forget_tables 0"),
+        ("topic", b"a"),  # the tombstone
+        ("stage", b"before_changelog 0"),
+        ("table", b"a"),  # the fresh history after the forget
+        ("stage", b"before_publish 0"),
+        ("topic", b"a"),
+        ("stage", b"after_publish 1"),
+    ]
 
 
 def envelope(user: str, raws: list[bytes], offset: int) -> FakeEvent:

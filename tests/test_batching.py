@@ -1,19 +1,16 @@
 """`stream.batching.take_batches` on a stand-in for a Faust stream (the parts of `faust.Stream` it uses): the window
 opens at a batch's first event, a batch never exceeds `max_`, events are acked once their batch was handled, and an
-idle agent does not wake. The worker tests run it inside real Faust against the real broker."""
+idle agent does not wake. No clock: the stand-in records every wait with its timeout, and the test closes a timed
+window itself, so the checks are about which waits happen, never about how long they took on a busy box. The
+worker tests run it inside real Faust against the real broker."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import faust
-import pytest
-
-from stream import batching
 from stream.batching import take_batches
 
 
@@ -24,14 +21,17 @@ class Event:
 
 @dataclass
 class FakeStream:
-    """What take_events touches of faust.Stream: processors fed from a queue by a passive reader, acks, waits."""
+    """What take_events touches of faust.Stream: processors fed from a queue by a passive reader, acks, waits.
+    `waits` holds the timeout of every wait (None: no timer); `close_window()` ends the timed wait in progress."""
 
     queue: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
     enable_acks: bool = True
     should_stop: bool = False
     current_event: Event | None = None
     acked: list[int] = field(default_factory=list)
-    waits: int = 0
+    fed: int = 0  # values handed to the processors
+    waits: list[float | None] = field(default_factory=list)
+    waiting: bool = False
     _processors: list[Any] = field(default_factory=list)
     _active_agens: set[Any] = field(default_factory=set)
 
@@ -51,14 +51,28 @@ class FakeStream:
                 self.current_event = Event(value)
                 for processor in self._processors:
                     await processor(value)
+                self.fed += 1
 
         self.reader = asyncio.create_task(read())
 
     async def wait_for_stopped(self, event: asyncio.Event, timeout: float | None = None) -> bool:
-        self.waits += 1
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+        self.waits.append(timeout)
+        self.window = asyncio.Event()
+        waits = [asyncio.ensure_future(event.wait())]
+        if timeout is not None:  # as if `timeout` passed, when the test says so
+            waits.append(asyncio.ensure_future(self.window.wait()))
+        self.waiting = True
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.waiting = False
+            for w in waits:
+                w.cancel()
         return True
+
+    def close_window(self) -> None:
+        assert self.waiting and self.waits[-1] is not None, "no timed wait in progress"
+        self.window.set()
 
     async def wait(self, event: asyncio.Event) -> None:
         await event.wait()
@@ -73,45 +87,49 @@ class FakeStream:
         raise AssertionError(exc)
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the loop run until `condition` holds; everything here runs on the loop, so a bounded number of turns
+    suffices (a count, not a time)."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")
+
+
 def test_batches_open_at_the_first_event_hold_at_most_max_and_are_acked_after_handling() -> None:
     async def main() -> None:
         stream = FakeStream()
         batches = take_batches(stream, 4, within=0.5)  # type: ignore[arg-type]
         assert batches in stream._active_agens, "closed by Faust when the stream stops"
-        await asyncio.sleep(0.6)  # idle: longer than the window, yet nothing may be yielded and no timer runs
-        assert stream.waits <= 1
-        t0 = time.monotonic()
+        first = asyncio.ensure_future(anext(batches))
+        await until(lambda: stream.waiting)
+        assert stream.waits == [None], "idle: one wait for the first event, with no timer"
         for value in range(6):
             stream.queue.put_nowait(value)
-        first = await anext(batches)
-        assert [e.value for e in first] == [0, 1, 2, 3] and time.monotonic() - t0 < 0.4, "full: at once"
+        assert [e.value for e in await first] == [0, 1, 2, 3], "full: yielded without the window closing"
+        assert stream.waits == [None, 0.5], "the window opened at the first event"
         assert stream.acked == [] and not stream.enable_acks, "acked only after the agent handled the batch"
-        second = await anext(batches)  # the last two: when the window, opened at event 4, closes
-        assert [e.value for e in second] == [4, 5] and stream.acked == [0, 1, 2, 3]
-        assert time.monotonic() - t0 >= 0.5
-        waits = stream.waits
-        await asyncio.sleep(0.6)  # idle again: the generator sits in one wait, it does not loop on the window
+
+        second = asyncio.ensure_future(anext(batches))  # the last two: when the window, opened at event 4, closes
+        await until(lambda: stream.fed == 6 and stream.waiting and stream.waits[-1] == 0.5)
+        assert not second.done() and stream.acked == [0, 1, 2, 3]
+        stream.close_window()
+        assert [e.value for e in await second] == [4, 5]
+
+        third = asyncio.ensure_future(anext(batches))
+        await until(lambda: stream.waiting)
+        waits = len(stream.waits)
+        assert stream.waits[-1] is None and stream.acked == [0, 1, 2, 3, 4, 5], "idle again: no timer"
         stream.queue.put_nowait(6)
-        t1 = time.monotonic()
-        third = await anext(batches)
-        assert [e.value for e in third] == [6] and 0.5 <= time.monotonic() - t1 < 2.0
-        assert stream.waits - waits <= 3 and stream.acked == [0, 1, 2, 3, 4, 5]
+        await until(lambda: stream.fed == 7 and stream.waiting and stream.waits[-1] == 0.5)
+        assert stream.waits[waits:] == [0.5], "the idle wait ended at the event, the window opened there"
+        stream.close_window()
+        assert [e.value for e in await third] == [6]
+
         stream.should_stop = True
         await batches.aclose()
         assert stream._processors == [] and stream.enable_acks, "Faust's stream restored"
         stream.reader.cancel()
 
     asyncio.run(main())
-
-
-def test_another_faust_version_falls_back_to_faust_take_events(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(faust, "__version__", "0.99.0")
-    calls: list[tuple[int, float]] = []
-
-    class Stream:
-        def take_events(self, max_: int, within: float) -> str:
-            calls.append((max_, within))
-            return "faust's own"
-
-    assert take_batches(Stream(), 10, 0.05) == "faust's own" and calls == [(10, 0.05)]  # type: ignore[arg-type]
-    assert batching.FAUST_VERSION == "0.15.3"

@@ -132,6 +132,7 @@ def test_zero_scenario_parameters_are_the_model_without_scenarios() -> None:
         torch.testing.assert_close(model(**x, target_scenario=torch.full_like(x["item_ids"][:, 0], 2)), plain)
 
 
+@pytest.mark.slow  # trains a model: minutes
 def test_a_planted_scenario_effect_is_recovered() -> None:
     """Users like one category on "app" and another on "tv": asked about the held-out session's scenario, the
     model must rank its items far better than the general interest, and asked about the wrong one far worse."""

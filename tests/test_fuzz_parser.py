@@ -32,6 +32,7 @@ def test_every_kept_input_parses_without_failing(path: Path) -> None:
     check(path.read_bytes())
 
 
+@pytest.mark.slow  # a fuzzing campaign in a subprocess
 def test_a_short_coverage_guided_campaign_finds_nothing(tmp_path: Path) -> None:
     """20,000 inputs mutated from the kept corpus, coverage-guided (libFuzzer's exit code is non-zero and it
     writes a crash-* file on the first input that breaks a property of `check`)."""

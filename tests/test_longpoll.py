@@ -1,5 +1,7 @@
-"""The local long-polling shim (`local.longpoll`) against the real local broker: an idle consumer stops spinning,
-records still arrive within the cap, and the shim stays off aiokafka versions it was not written for."""
+"""The local long-polling shim (`local.longpoll`): the holds it asks for (a fake fetcher and clock), and against
+the real local broker an idle consumer that stops spinning, records that still arrive, fetches cut at the limit.
+Counts, not CPU shares or latencies: a box busy with other work only makes fewer fetches and slower round trips.
+Other aiokafka releases: tests/test_pins.py."""
 
 from __future__ import annotations
 
@@ -7,7 +9,10 @@ import asyncio
 import random
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -26,8 +31,52 @@ def restored() -> Iterator[None]:
     longpoll.uninstall()
 
 
-async def _idle_core(settings: Settings, seconds: float) -> float:
-    """Cores used by this process while a bare aiokafka group member waits on an empty topic."""
+def test_an_empty_fetch_is_held_for_the_rest_of_its_wait_doubling_to_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wait starts at the cap, drops to MIN_WAIT_MS after a fetch with records and doubles with each empty one
+    up to the cap; the hold is what is left of the wait after the round trip; each node keeps its own wait."""
+    now, holds = [0.0], []
+    fetches = iter([(1, False, 0.0), (1, False, 0.01), (1, True, 0.0), *[(1, False, 0.0)] * 5, (2, False, 0.07)])
+
+    async def fetch(fetcher: Any, assignment: Any, node_id: int, request: Any) -> bool:
+        node, got_records, took = next(fetches)
+        assert node == node_id
+        now[0] += took
+        return got_records
+
+    async def sleep(seconds: float) -> None:
+        holds.append(round(seconds, 6))
+
+    monkeypatch.setattr(longpoll, "_max_wait_s", CAP_MS / 1000)
+    monkeypatch.setattr(longpoll, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(longpoll, "asyncio", SimpleNamespace(sleep=sleep, CancelledError=asyncio.CancelledError))
+    fetcher = SimpleNamespace(_fetch_max_wait_ms=500, _max_partition_fetch_bytes=1024, _records={})
+    longpoll._original = fetch  # what the shim wraps; aiokafka's Fetcher itself is never touched here
+    try:
+        got = [asyncio.run(longpoll._long_polled(fetcher, None, node, None)) for node in [1] * 8 + [2]]
+    finally:
+        longpoll._original = None
+    assert got == [False, False, True, False, False, False, False, False, False]
+    assert holds == [0.05, 0.04, 0.005, 0.01, 0.02, 0.04, 0.05], "node 2: its 70 ms round trip outlasted its wait"
+    assert fetcher._longpoll_waits == {1: 0.05, 2: 0.05}
+
+
+def count_fetches(monkeypatch: pytest.MonkeyPatch) -> Counter[int]:
+    """aiokafka's fetch round trips per node, counted beneath the shim when it is installed after this."""
+    from aiokafka.consumer.fetcher import Fetcher
+
+    original, calls = Fetcher._proc_fetch_request, Counter[int]()
+
+    async def counted(self: Any, assignment: Any, node_id: int, request: Any) -> bool:
+        calls[node_id] += 1
+        return await original(self, assignment, node_id, request)
+
+    monkeypatch.setattr(Fetcher, "_proc_fetch_request", counted)
+    return calls
+
+
+async def _idle_fetches(settings: Settings, calls: Counter[int], seconds: float) -> tuple[int, float]:
+    """(the most fetch round trips any node got, seconds it took) while a bare aiokafka group member waits on an
+    empty topic."""
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(
@@ -35,24 +84,34 @@ async def _idle_core(settings: Settings, seconds: float) -> float:
     )
     await consumer.start()
     try:
-        await consumer.getmany(timeout_ms=1000)  # joined and assigned before the clock starts
-        cpu, start = time.process_time(), time.monotonic()
+        await consumer.getmany(timeout_ms=1000)  # joined and assigned before counting starts
+        calls.clear()
+        start = time.monotonic()
         while time.monotonic() - start < seconds:
             assert not await consumer.getmany(timeout_ms=500)
-        return (time.process_time() - cpu) / (time.monotonic() - start)
+        return max(calls.values()), time.monotonic() - start
     finally:
         await consumer.stop()
 
 
-def test_idle_consumer_stops_spinning(settings: Settings, broker) -> None:
-    assert longpoll.install(CAP_MS)
-    with_shim = run_sync(_idle_core(settings, 3.0))
-    longpoll.uninstall()
-    without = run_sync(_idle_core(settings, 3.0))
-    print(f"idle bare consumer: {with_shim:.3f} cores with the shim, {without:.3f} without")
-    assert with_shim < 0.05
+def test_idle_consumer_stops_spinning(settings: Settings, broker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the shim each empty fetch holds its node for the cap, so a node gets at most elapsed/cap + 1 fetches
+    (+1 for one in flight as counting starts): a slower box can only make fewer. Without it noida-db answers at
+    once and the consumer fetches as fast as it can: well over that ceiling, however loaded the box."""
+    calls = count_fetches(monkeypatch)
+    try:
+        assert longpoll.install(CAP_MS)
+        with_shim, elapsed = run_sync(_idle_fetches(settings, calls, 3.0))
+        ceiling = elapsed / (CAP_MS / 1000) + 2
+        longpoll.uninstall()
+        without, elapsed_without = run_sync(_idle_fetches(settings, calls, 3.0))
+    finally:
+        longpoll.uninstall()  # before monkeypatch puts aiokafka's own method back
+    print(f"idle bare consumer: {with_shim} fetches in {elapsed:.1f} s with the shim (ceiling {ceiling:.0f}), "
+          f"{without} in {elapsed_without:.1f} s without")  # fmt: skip
+    assert 0 < with_shim <= ceiling
     if broker.pid is not None:  # noida-db: without the shim every empty fetch comes back at once
-        assert without > max(0.2, 5 * with_shim)
+        assert without > elapsed_without / (CAP_MS / 1000) + 2
 
 
 async def _latencies(settings: Settings, n: int, seed: int = 0) -> list[float]:
@@ -84,24 +143,13 @@ async def _latencies(settings: Settings, n: int, seed: int = 0) -> list[float]:
         await producer.stop()
 
 
-def test_records_arrive_within_the_cap(settings: Settings) -> None:
+def test_records_sent_to_an_idle_consumer_arrive_through_the_shim(settings: Settings) -> None:
+    """Each of 25 records, sent at a random moment of a held fetch, arrives (within getmany's generous 5 s); how
+    long the shim holds a fetch is checked above without a clock, the latencies are printed for the record."""
     assert longpoll.install(CAP_MS)
     latencies = run_sync(_latencies(settings, 25))
     print(f"send->receive with the shim: max {max(latencies) * 1000:.0f} ms, median {sorted(latencies)[12] * 1000:.0f}")
-    # the shim may hold a record back for at most the cap; the rest is the round trip on a busy 2-core box
-    assert max(latencies) < CAP_MS / 1000 + 0.25
-
-
-def test_other_aiokafka_version_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    import aiokafka
-    from aiokafka.consumer.fetcher import Fetcher
-
-    original = Fetcher._proc_fetch_request
-    monkeypatch.setattr(aiokafka, "__version__", "9.9.9")
-    with pytest.warns(RuntimeWarning, match="written for aiokafka"):
-        assert not longpoll.install()
-    assert not longpoll.installed()
-    assert Fetcher._proc_fetch_request is original
+    assert len(latencies) == 25
 
 
 def test_install_is_idempotent_and_reversible() -> None:

@@ -12,7 +12,6 @@ import asyncio
 import json
 import shutil
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -81,12 +80,14 @@ class FakeTriton:
     """Ready versions and the check's verdict per version, changed by the test between polls."""
 
     def __init__(self) -> None:
+        self.polls = 0
         self.ready: list[str] = []
         self.bad: dict[str, list[str]] = {}
         self.bundles: dict[str, ModelBundle] = {}
         self.max_batch_size = 1024
 
     async def list_ready(self) -> list[str]:
+        self.polls += 1
         return list(self.ready)
 
     async def check(self, version: str) -> Pinned | list[str]:
@@ -109,7 +110,8 @@ def refused(version: str) -> float:
     return REGISTRY.get_sample_value("interest_model_versions_refused_total", {"version": version}) or 0.0
 
 
-def test_the_tracker_switches_to_the_newest_good_version_and_waits_without_one() -> None:
+def test_the_tracker_switches_to_the_newest_good_version_and_waits_without_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("stream.versions.STALL_RETRY_S", 0.01)  # while waiting, it looks again this often
     triton, now = FakeTriton(), [0.0]
     tracker = VersionTracker(MODEL, triton.list_ready, triton.check, poll_s=5.0, clock=lambda: now[0])
     metrics.MODEL_VERSIONS_REFUSED.clear()
@@ -126,8 +128,10 @@ def test_the_tracker_switches_to_the_newest_good_version_and_waits_without_one()
             assert (await tracker.refresh(force=True)).version == "2", "a refused version changes nothing"
         assert refused("3") == 1 and "3" in tracker.refusals, "refused once (logged and counted), not per poll"
         triton.ready, now[0] = ["3"], now[0] + 5  # only the refused version is served: wait, never use it
-        waiting = asyncio.ensure_future(tracker.for_batch())
-        await asyncio.sleep(0.05)
+        polls, waiting = triton.polls, asyncio.ensure_future(tracker.for_batch())
+        while triton.polls < polls + 3:  # it looked, found only the refused version, and looked again twice
+            assert not waiting.done(), "a batch must not get the refused version"
+            await asyncio.sleep(0.005)
         assert not waiting.done() and tracker.current is None and "is refused (3)" in tracker.problem
         triton.ready = ["3", "4"]
         pinned = await asyncio.wait_for(waiting, 5)
@@ -253,6 +257,7 @@ def assert_computed_by(records: list[InterestRecord], want: dict[str, np.ndarray
         )
 
 
+@pytest.mark.triton
 def test_a_new_version_loaded_into_the_running_triton_is_used_from_the_next_batch(tmp_path: Path) -> None:
     """Explicit model control: version 2 is exported beside version 1 and loaded while 1 serves; Triton answers
     with the version that computed each response; the worker's model moves from 1 to 2 at a batch boundary, and
@@ -348,6 +353,8 @@ def assert_each_record_computed_by_its_version(
         assert_computed_by(recs, expected(model_dir / version, states), ModelBundle.load(model_dir, version))
 
 
+@pytest.mark.broker
+@pytest.mark.triton
 def test_versions_loaded_while_events_flow_switch_once_lose_nothing_and_a_mismatch_is_refused(
     make_settings: Callable[..., Settings], start_worker: Callable[..., Worker], tmp_path: Path
 ) -> None:
@@ -413,6 +420,8 @@ def send(settings: Settings, events: list[Event], rate: float) -> None:
     run_sync(publish(settings, [(e.user_id.encode(), encode_event(e)) for e in events], rate=rate, progress=False))
 
 
+@pytest.mark.broker
+@pytest.mark.triton
 def test_with_only_a_refused_version_served_the_worker_waits_and_publishes_nothing_wrong(
     make_settings: Callable[..., Settings], start_worker: Callable[..., Worker], tmp_path: Path
 ) -> None:
@@ -438,7 +447,7 @@ def test_with_only_a_refused_version_served_the_worker_waits_and_publishes_nothi
     with LocalTriton(twin.parent, model_control="explicit", log_file=tmp_path / "triton.log") as triton:
         settings = make_settings(
             tables=("user_state",), triton_url=triton.grpc_url, model_dir=twin, model_poll_s=0.5,
-            worker_web_port=free_port(),
+            worker_web_port=free_port(), health_stall_s=1.0,
         )  # fmt: skip
         worker = start_worker(settings)
         send(settings, before, rate=None)
@@ -449,8 +458,16 @@ def test_with_only_a_refused_version_served_the_worker_waits_and_publishes_nothi
         wait_for(lambda: "is refused (3)" in " ".join(health()["problems"]), 30, "/health to name the refusal")
         assert health()["status"] == "degraded"
         held = worker.metric("interest_outputs_published_total")
+        folded = worker.metric("interest_events_consumed_total")
         send(settings, during, rate=None)
-        time.sleep(3)
+
+        def stalled_at_inference() -> bool:
+            """What would have come with a record: a batch of the new events folded (the step's last move before
+            inference) and in flight longer than HEALTH_STALL_S (1 s), where inference takes milliseconds."""
+            in_flight = any(p.startswith("a batch in flight") for p in health()["problems"])
+            return in_flight and worker.metric("interest_events_consumed_total") > folded
+
+        wait_for(stalled_at_inference, 60, "a batch of the new events to stall at inference")
         assert worker.metric("interest_outputs_published_total") == held, "no record without a usable version"
         assert worker.metric("interest_model_version_info") == 0
         export_repository(tiny(3, "tiny-v4"), repo, version=4, twin_threads=1)

@@ -176,6 +176,7 @@ def test_ease_is_the_closed_form(movielens, n_items):
     np.testing.assert_allclose(Ease(states, vocab, lam=5.0, decay=0.9).scores(states[:5], vocab), want, atol=1e-6)
 
 
+@pytest.mark.slow  # trains for a few epochs
 def test_train_save_load_roundtrip(movielens, tmp_path):
     from models.train import TrainConfig, load_checkpoint, train
 
