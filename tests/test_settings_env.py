@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from local import faults, longpoll
-from local.worker import settings_env
+from local import longpoll
+from local.worker import FAULT_VARIABLES, settings_env
 from stream.settings import ENV_PREFIXES, Settings, UnknownSetting, check_environment, unknown_variables
 from tests.test_deploy import OVERLAYS, kustomize_build, worker_env_sources
 
@@ -34,7 +34,7 @@ def test_a_misspelled_variable_is_named_with_the_closest_setting() -> None:
 
 def test_settings_and_the_variables_of_others_are_not_refused() -> None:
     settings = {name.upper(): "1" for name in Settings.model_fields} | {"worker_batch_max": "5"}
-    tooling = {name: "1" for name in (*faults.NAMES, "FAULT_KILL_AFTER_OUTPUTS", longpoll.ENV, longpoll.ENV_MS)}
+    tooling = {name: "1" for name in (*FAULT_VARIABLES, "FAULT_KILL_AFTER_OUTPUTS", longpoll.ENV, longpoll.ENV_MS)}
     others = {"PATH": "/bin", "APP_ENV": "prod", "TEST_KAFKA_BOOTSTRAP_SERVERS": "k:9092", "HYPOTHESIS_PROFILE": "x"}
     others |= {"INTEREST_DATA_DIR": "/data", "NOOP_EVENTS": "1", "KUBERNETES_SERVICE_HOST": "10.0.0.1"}
     assert unknown_variables(settings | tooling | others) == []
