@@ -76,7 +76,7 @@ class WorkerProcess:
             self.process.check_alive()
         except ProcessError as exc:
             raise PipelineError(str(exc)) from exc
-        if READY_LINE not in self.process.log_text():
+        if READY_LINE not in self.process.log_text(this_run=True):  # a restart appends to the same log file
             return False
         return http_json(self.health_url).get("status") == "ok"
 

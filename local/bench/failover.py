@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiokafka.partitioner import murmur2
 
@@ -179,11 +180,13 @@ def run_one(
         sender.start()
         try:
             deadline = time.monotonic() + 120
-            while len({p for _, p in watch.times}) < partitions and time.monotonic() < deadline:
-                time.sleep(0.5)  # every partition publishes before the kill
+            while not _split(pipeline, settings) or len({p for _, p in watch.times}) < partitions:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the workers did not split the partitions and publish on each within 120 s")
+                time.sleep(0.5)  # every worker owns partitions, and every partition publishes, before the kill
             time.sleep(settle_s)
             victim = pipeline.workers[0]
-            moved = sorted(assigned(victim.log_path.read_text(errors="replace"), settings.topic_events))
+            moved = sorted(_owned(victim, settings))
             killed_at = time.time()
             victim.process.kill()  # type: ignore[union-attr]
             assert pipeline.broker is not None
@@ -222,6 +225,17 @@ def measure_restore(work_dir: Path, *, partitions: int, users: int, log: Callabl
         restore_s = time.monotonic() - started
     log(f"restore: {users:,} users from the changelog alone in {restore_s:.1f} s (start to Ready)")
     return restore_s
+
+
+def _owned(worker: Any, settings: Settings) -> set[int]:
+    """The events partitions of the worker's last assignment in its current run (the log file is appended to)."""
+    return assigned(worker.process.log_text(this_run=True) if worker.process else "", settings.topic_events)
+
+
+def _split(pipeline: LocalPipeline, settings: Settings) -> bool:
+    """Every worker owns events partitions, and together they own each one once."""
+    owned = [_owned(w, settings) for w in pipeline.workers]
+    return all(owned) and sorted(p for o in owned for p in o) == list(range(settings.topic_partitions))
 
 
 def _wait_committed(settings: Settings, timeout_s: float) -> None:
