@@ -54,6 +54,8 @@ class ModelConfig:
     category_history: bool = True  # category logits also see the history's genre shares
     category_share_mix: float = 0.0  # with category_history: served score = (1 - mix) sigmoid(head) + mix share
     n_scenarios: int = 0  # len(EncoderConfig.scenarios): the interest can be asked per known scenario
+    ease_neighbours: int = 0  # > 0: EASE's item-item weights as each item's top-N neighbours, not dense factors
+    serve_len: int = 0  # inference reads the newest serve_len events (0 = all max_len); training always all
 
     def __post_init__(self) -> None:
         if self.history_scorer not in ("knn", "ease"):
@@ -99,14 +101,28 @@ class Block(nn.Module):
         x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, L, D)))
         return x + self.drop(self.mlp(self.ln2(x)))
 
-    def readout(self, x: Tensor, mask: Tensor, query_add: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """K and V [B, H, L, D/H] of every position, for `readout` (without the queries it does not need)."""
+        B, L, D = x.shape
+        d = self.qkv.out_features // 3
+        kv = F.linear(self.ln1(x), self.qkv.weight[d:], self.qkv.bias[d:]).view(
+            B, L, 2, self.n_heads, D // self.n_heads
+        )
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def readout(
+        self, x: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor, query_add: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Inference at the last position only: its output [B, 1, d] and its attention over the positions [B, L]
-        (softmax weights, mean over heads; computed explicitly because SDPA does not return them)."""
+        (softmax weights, mean over heads; computed explicitly because SDPA does not return them). `kv`: from
+        `keys_values(x)`, shared by every readout of one history; `mask`: the last query's row [B, H|1, 1, L]."""
         B, D = x.shape[0], x.shape[2]
-        _, k, v = self._heads(x)
+        k, v = kv
         x = x[:, -1:] if query_add is None else x[:, -1:] + query_add
-        q = self._heads(x)[0]  # [B, H, 1, D/H]
-        att = (q @ k.transpose(-2, -1) * (D // self.n_heads) ** -0.5 + mask[..., -1:, :]).softmax(-1)
+        d = self.qkv.out_features // 3
+        q = F.linear(self.ln1(x), self.qkv.weight[:d], self.qkv.bias[:d]).view(B, 1, self.n_heads, -1).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1) * (D // self.n_heads) ** -0.5 + mask).softmax(-1)  # [B, H, 1, L]
         x = x + self.proj((att @ v).transpose(1, 2).reshape(B, 1, D))
         return x + self.mlp(self.ln2(x)), att.mean(1)[:, 0]
 
@@ -181,6 +197,9 @@ class InterestTransformer(nn.Module):
         if cfg.history_scorer == "ease":  # EASE: knn_factors holds X^T, these the rest (models.baselines.ease_factors)
             self.register_buffer("ease_out", torch.zeros(cfg.n_items, cfg.knn_rank))
             self.register_buffer("ease_self", torch.zeros(cfg.n_items))
+        if cfg.ease_neighbours:  # sparse EASE (models.baselines.ease_neighbours): served instead of the factors
+            self.register_buffer("neighbour_items", torch.zeros(cfg.n_items, cfg.ease_neighbours, dtype=torch.int32))
+            self.register_buffer("neighbour_weights", torch.zeros(cfg.n_items, cfg.ease_neighbours))
         nn.init.normal_(self.item_emb.weight, std=d**-0.5)  # unit-norm rows: logits start at +-scale
         for emb in (self.type_emb, self.gap_emb, self.pos_emb):
             nn.init.normal_(emb.weight, std=0.02)  # small next to the items (default N(0, 1) drowns them)
@@ -206,15 +225,25 @@ class InterestTransformer(nn.Module):
         if cfg.use_time_gaps:
             x = x + self.gap_emb(time_gaps)
         x = self.drop(x * valid.unsqueeze(-1).to(x.dtype))
-        # query i may attend key j <= i that is not padding; always itself (no empty rows, no NaN)
-        allowed = ((self.causal[:L, :L] & valid.unsqueeze(1)) | self.eye[:L, :L]).unsqueeze(1)  # [B,1,L,L]
-        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, _NEG)
-        if cfg.use_session_pos:
-            dist = (session_pos.unsqueeze(1) - session_pos.unsqueeze(2)).clamp(0, cfg.max_session_dist)  # [B,Lq,Lk]
-            mask = mask + self.session_bias(dist).permute(0, 3, 1, 2)  # [B,H,L,L]
+        mask = self.attention_bias(session_pos, valid)
         for block in self.blocks[:-1]:
             x = block(x, mask)
         return x, mask, valid
+
+    def attention_bias(self, session_pos: Tensor, valid: Tensor) -> Tensor:
+        """[B, H, L, L] additive attention bias, shared by every block: query i may attend key j <= i that is not
+        padding, and always itself (no empty rows, no NaN), with the learned per-head bias of their session
+        distance; _NEG where not allowed. One table lookup per sequence: the mask is the table's last row."""
+        cfg = self.cfg
+        L, D = valid.shape[1], cfg.max_session_dist
+        allowed = (self.causal[:L, :L] & valid.unsqueeze(1)) | self.eye[:L, :L]  # [B, Lq, Lk]
+        if cfg.use_session_pos:
+            dist = (session_pos.unsqueeze(1) - session_pos.unsqueeze(2)).clamp(0, D)  # [B, Lq, Lk]
+            bias = self.session_bias.weight
+        else:
+            dist, bias = torch.zeros_like(allowed, dtype=torch.long), torch.zeros_like(self.session_bias.weight)
+        table = torch.cat([bias, torch.full_like(bias[:1], _NEG)]).T  # [H, D + 2]
+        return table[:, dist.masked_fill(~allowed, D + 1)].transpose(0, 1)  # [B, H, L, L]
 
     def sequence_interests(
         self,
@@ -235,12 +264,20 @@ class InterestTransformer(nn.Module):
         return F.normalize(h, dim=-1)
 
     def readout(
-        self, ctx: Tensor, mask: Tensor, session_pos: Tensor, valid: Tensor, target: Tensor | None = None
+        self,
+        ctx: Tensor,
+        mask: Tensor,
+        session_pos: Tensor,
+        valid: Tensor,
+        target: Tensor | None = None,
+        kv: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Inference: the interest [B, d] at the last position (the cold vector for an empty history), asked about
-        scenario `target` [B] (None = any), and the readout's attention over the positions [B, L] (0 on padding)."""
+        scenario `target` [B] (None = any), and the readout's attention over the positions [B, L] (0 on padding).
+        `kv`: the last block's keys and values of `ctx`, when several readouts share them."""
         ask = None if target is None else self.target_emb(target).unsqueeze(1)
-        h, att = self.blocks[-1].readout(ctx, mask, ask)
+        last = self.blocks[-1]
+        h, att = last.readout(ctx, kv or last.keys_values(ctx), mask[..., -1:, :], ask)
         h = self.ln_f(h)
         if self.fusion is not None:
             h = self.fusion(h, ctx, session_pos, valid)
@@ -261,21 +298,31 @@ class InterestTransformer(nn.Module):
         target_scenario: Tensor | None = None,
     ) -> Tensor:
         """Interest [B, d], L2-normalized; the cold vector where the history is empty (last position is PAD)."""
-        ctx, mask, valid = self.context(item_ids, event_types, session_pos, time_gaps, scenarios)
-        return self.readout(ctx, mask, session_pos, valid, target_scenario)[0]
+        ctx, mask, valid = self.context(*self.window(item_ids, event_types, session_pos, time_gaps, scenarios))
+        return self.readout(ctx, mask, session_pos[:, -ctx.shape[1] :], valid, target_scenario)[0]
 
     def serve(
         self, item_ids: Tensor, event_types: Tensor, session_pos: Tensor, time_gaps: Tensor, scenarios: Tensor
     ) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """What serving needs in one pass: the interest, its attention per position (the explanation), and the
-        interest asked about each known scenario (the blocks before the last run once)."""
-        ctx, mask, valid = self.context(item_ids, event_types, session_pos, time_gaps, scenarios)
-        interest, weights = self.readout(ctx, mask, session_pos, valid)
+        """What serving needs in one pass: the interest, its attention per position (the explanation, 0 on events
+        beyond `serve_len`), and the interest asked about each known scenario (the blocks before the last and the
+        last block's keys and values computed once)."""
+        ctx, mask, valid = self.context(*self.window(item_ids, event_types, session_pos, time_gaps, scenarios))
+        pos, kv = session_pos[:, -ctx.shape[1] :], self.blocks[-1].keys_values(ctx)
+        interest, weights = self.readout(ctx, mask, pos, valid, kv=kv)
         per_scenario = [
-            self.readout(ctx, mask, session_pos, valid, torch.full_like(item_ids[:, 0], 2 + s))[0]
+            self.readout(ctx, mask, pos, valid, torch.full_like(item_ids[:, 0], 2 + s), kv)[0]
             for s in range(self.cfg.n_scenarios)
         ]
+        if n := self.cfg.serve_len:  # zeros for the events not read (a slice of the input: static in ONNX)
+            weights = torch.cat([torch.zeros_like(item_ids[:, :-n], dtype=weights.dtype), weights], 1)
         return interest, weights, per_scenario
+
+    def window(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        """The newest `serve_len` events of each input (inference only): attention costs grow with the square of
+        the length, and the recency positions count back from the newest event, so a shorter window is in-domain."""
+        n = self.cfg.serve_len
+        return tuple(t[:, -n:] for t in inputs) if n else inputs
 
     def scale(self) -> Tensor:
         return self.logit_scale.clamp(max=math.log(100.0)).exp()
@@ -296,6 +343,11 @@ class InterestTransformer(nn.Module):
         f = self.knn_factors
         back = torch.arange(L - 1, -1, -1, device=item_ids.device, dtype=f.dtype)
         w = self.knn_decay.pow(back) * (item_ids != PAD).to(f.dtype)  # [B, L]
+        if self.cfg.ease_neighbours:  # the sum of the history items' neighbour rows, decay-weighted
+            cols = self.neighbour_items[item_ids].flatten(1).long()  # [B, L * N]
+            vals = (self.neighbour_weights[item_ids] * w.unsqueeze(-1)).flatten(1)
+            out = torch.zeros(item_ids.shape[0], f.shape[0], dtype=f.dtype, device=f.device).scatter_add(1, cols, vals)
+            return out / out.amax(1, keepdim=True).clamp(min=1e-6)
         rows = f[item_ids]  # [B, L, rank]
         user = (rows * w.unsqueeze(-1)).sum(1)  # [B, rank]: the history in factor space
         if self.cfg.history_scorer == "ease":
