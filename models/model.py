@@ -60,6 +60,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.history_scorer not in ("knn", "ease"):
             raise ValueError(f"history_scorer must be 'knn' or 'ease', not {self.history_scorer!r}")
+        if self.ease_neighbours and self.history_scorer != "ease":
+            raise ValueError("ease_neighbours needs history_scorer='ease'")
 
     @classmethod
     def for_encoder(cls, enc: EncoderConfig, n_items: int, **kw) -> ModelConfig:
@@ -105,10 +107,8 @@ class Block(nn.Module):
         """K and V [B, H, L, D/H] of every position, for `readout` (without the queries it does not need)."""
         B, L, D = x.shape
         d = self.qkv.out_features // 3
-        kv = F.linear(self.ln1(x), self.qkv.weight[d:], self.qkv.bias[d:]).view(
-            B, L, 2, self.n_heads, D // self.n_heads
-        )
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        kv = F.linear(self.ln1(x), self.qkv.weight[d:], self.qkv.bias[d:])
+        k, v = kv.view(B, L, 2, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4).unbind(0)
         return k, v
 
     def readout(
@@ -225,25 +225,15 @@ class InterestTransformer(nn.Module):
         if cfg.use_time_gaps:
             x = x + self.gap_emb(time_gaps)
         x = self.drop(x * valid.unsqueeze(-1).to(x.dtype))
-        mask = self.attention_bias(session_pos, valid)
+        # query i may attend key j <= i that is not padding; always itself (no empty rows, no NaN)
+        allowed = ((self.causal[:L, :L] & valid.unsqueeze(1)) | self.eye[:L, :L]).unsqueeze(1)  # [B,1,L,L]
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, _NEG)
+        if cfg.use_session_pos:  # one [B, H, L, L] bias per sequence, shared by every block (and the readout's row)
+            dist = (session_pos.unsqueeze(1) - session_pos.unsqueeze(2)).clamp(0, cfg.max_session_dist)  # [B,Lq,Lk]
+            mask = mask + self.session_bias(dist).permute(0, 3, 1, 2)  # [B,H,L,L]
         for block in self.blocks[:-1]:
             x = block(x, mask)
         return x, mask, valid
-
-    def attention_bias(self, session_pos: Tensor, valid: Tensor) -> Tensor:
-        """[B, H, L, L] additive attention bias, shared by every block: query i may attend key j <= i that is not
-        padding, and always itself (no empty rows, no NaN), with the learned per-head bias of their session
-        distance; _NEG where not allowed. One table lookup per sequence: the mask is the table's last row."""
-        cfg = self.cfg
-        L, D = valid.shape[1], cfg.max_session_dist
-        allowed = (self.causal[:L, :L] & valid.unsqueeze(1)) | self.eye[:L, :L]  # [B, Lq, Lk]
-        if cfg.use_session_pos:
-            dist = (session_pos.unsqueeze(1) - session_pos.unsqueeze(2)).clamp(0, D)  # [B, Lq, Lk]
-            bias = self.session_bias.weight
-        else:
-            dist, bias = torch.zeros_like(allowed, dtype=torch.long), torch.zeros_like(self.session_bias.weight)
-        table = torch.cat([bias, torch.full_like(bias[:1], _NEG)]).T  # [H, D + 2]
-        return table[:, dist.masked_fill(~allowed, D + 1)].transpose(0, 1)  # [B, H, L, L]
 
     def sequence_interests(
         self,
@@ -335,10 +325,12 @@ class InterestTransformer(nn.Module):
     def knn_scores(self, item_ids: Tensor) -> Tensor:
         """[B, n_items] item-item evidence from the history h (decay^(events back) per event), divided by the row
         maximum (0 when empty). kNN: h S with S = F F^T, an item's similarity to itself left out. EASE: h B, computed
-        as (h X^T) ease_out^T + h * ease_self (models.baselines.ease_factors), the same scores as the Ease baseline.
+        as (h X^T) ease_out^T + h * ease_self (models.baselines.ease_factors), the same scores as the Ease baseline;
+        with `ease_neighbours`, as the sum of the history items' top-N rows of B. h: the newest `serve_len` events.
 
         Written so the exported graph holds F once: rows are gathered and F multiplies from the left (a constant
         F^T or F * F would be folded into extra copies of the largest initializer)."""
+        item_ids = self.window(item_ids)[0]  # decay^k: the newest events carry the evidence
         L = item_ids.shape[1]
         f = self.knn_factors
         back = torch.arange(L - 1, -1, -1, device=item_ids.device, dtype=f.dtype)
@@ -385,7 +377,9 @@ class InterestTransformer(nn.Module):
         """[B, n_categories] in [0, 1]: the estimated share of the coming items that carry each genre (multi-label:
         a movie has several genres). The head, trained on that share, is mixed with the history's own shares: alone
         it ranks genres less accurately and less personally than the history does (docs/model.md)."""
-        shares = self.history_genre_shares(item_ids)[:, -1]
+        valid = (item_ids != PAD).to(self.item_categories.dtype)  # the shares at the last position only
+        counts = (self.item_categories[item_ids] * valid.unsqueeze(-1)).sum(1)
+        shares = counts / valid.sum(1, keepdim=True).clamp(min=1.0)
         head = torch.sigmoid(self.category_logits(interest, shares))
         mix = self.cfg.category_share_mix if self.cfg.category_history else 0.0
         return head if mix == 0 else (1.0 - mix) * head + mix * shares
