@@ -352,7 +352,7 @@ def fit_knn(model: InterestTransformer, ds: Dataset, sp: Split, enc: EncoderConf
     return {"val_ndcg10": best[0], "weight": best[1], "decay": best[2]} | ({"lam": best[3]} if ease else {})
 
 
-def refit(path: str | Path, out: str | Path, **model_flags) -> Checkpoint:
+def refit(path: str | Path, out: str | Path, ds: Dataset | None = None, **model_flags) -> Checkpoint:
     """A trained checkpoint with other serving flags (`ModelConfig` fields such as serve_len, ease_neighbours):
     the same Transformer weights, the item-item scorer fitted again on validation for them, test metrics again."""
     import dataclasses
@@ -360,9 +360,10 @@ def refit(path: str | Path, out: str | Path, **model_flags) -> Checkpoint:
     ckpt = load_checkpoint(path)
     mcfg = dataclasses.replace(ckpt.model_config, **model_flags)
     model = InterestTransformer(mcfg)
-    model.load_state_dict(ckpt.model.state_dict(), strict=False)  # new buffers: filled by fit_knn
+    weights = {k: v for k, v in ckpt.model.state_dict().items() if not k.startswith("neighbour_")}
+    model.load_state_dict(weights, strict=False)  # the neighbour rows: filled by fit_knn
     model.eval()
-    ds = load(ckpt.metadata.get("train_config", {}).get("dataset", "movielens"))
+    ds = ds or load(ckpt.metadata.get("train_config", {}).get("dataset", "movielens"))
     sp = split(ds)
     knn = fit_knn(model, ds, sp, ckpt.encoder_config) if mcfg.knn_rank > 0 else {}
     meta = ckpt.metadata | {"knn": knn, "test_metrics": evaluate_model(model, ds, sp, ckpt.encoder_config)}

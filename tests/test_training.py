@@ -211,7 +211,7 @@ def test_ease_is_the_closed_form(movielens, n_items):
 
 
 def test_train_save_load_roundtrip(movielens, tmp_path):
-    from models.train import TrainConfig, load_checkpoint, train
+    from models.train import TrainConfig, load_checkpoint, refit, train
 
     ds = replace(movielens, states=movielens.states[:40], users=movielens.users[:40])
     cfg = TrainConfig(max_len=20, d_model=16, max_epochs=2, batch_size=16, device="cpu")
@@ -233,6 +233,11 @@ def test_train_save_load_roundtrip(movielens, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(**x), ckpt.model(**x))
         assert torch.isfinite(loaded.model.item_scores(loaded.model(**x), x["item_ids"])[:, 2:]).all()
+    refit(tmp_path, tmp_path / "refit", ds, serve_len=8, ease_neighbours=5)  # the same weights, other serving flags
+    again = load_checkpoint(tmp_path / "refit")
+    assert (again.model_config.serve_len, again.model_config.ease_neighbours) == (8, 5)
+    assert again.model.neighbour_weights.abs().sum() > 0 and "ndcg10" in again.metadata["test_metrics"]
+    torch.testing.assert_close(again.model.item_emb.weight, ckpt.model.item_emb.weight)
 
 
 def test_result_line_names_the_best_baseline_per_metric():
