@@ -262,3 +262,27 @@ def bench_live(
         seed=seed, envelope=envelope, log=typer.echo,
     )  # fmt: skip
     print_result(result)
+
+
+@bench.command("model")
+def bench_model(
+    repo: Path = typer.Option(Path("artifacts/model_repository-twin"), help="twin repository of the new graph"),
+    previous: Path = typer.Option(
+        Path("artifacts/previous/model_repository-twin"), help="twin repository of the graph served until now"
+    ),
+    threads: str = typer.Option("1,2", help="onnxruntime intra-op thread counts, comma-separated"),
+    batches: str = typer.Option("1,8,32,128", help="batch sizes in-process, comma-separated"),
+    twin_batches: str = typer.Option("32,128", help="batch sizes through the twin ('' = skip the twin)"),
+    seconds: float = typer.Option(3.0, help="per graph, thread count and batch size, over all rounds"),
+    rounds: int = typer.Option(3, help="alternating rounds (the best of each side is kept)"),
+    dataset: str = typer.Option("movielens", help="served NDCG@10 on this data set's test users ('' = skip)"),
+) -> None:
+    """The previous and the new model graph side by side: CPU ms per sequence, agreement, served NDCG@10."""
+    from local.bench.model import print_result, run
+
+    ints = lambda s: [int(v) for v in s.split(",") if v.strip()]  # noqa: E731
+    result = run(
+        repo, previous, threads=ints(threads), batches=ints(batches), twin_batches=ints(twin_batches),
+        seconds=seconds, rounds=rounds, dataset=dataset or None, log=typer.echo,
+    )  # fmt: skip
+    print_result(result)

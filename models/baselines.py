@@ -84,6 +84,23 @@ def ease_factors(
     return np.pad(x.T, pad), np.pad(xk.T * c[:, None], pad), 1.0 - c
 
 
+def ease_neighbours(
+    a: np.ndarray, g: np.ndarray, e: np.ndarray, n: int, chunk: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's `n` largest EASE weights: row j of B = A G^T + diag(e) (what item j in a history adds to every
+    item), from `ease_factors`' output, as (columns [n_items, n] int32, weights [n_items, n] float32). A history
+    then scores the sum of its items' rows: a scatter of L x n weights instead of two [n_items x rank] products."""
+    cols = np.empty((len(a), n), dtype=np.int32)
+    vals = np.empty((len(a), n), dtype=np.float32)
+    for lo in range(0, len(a), chunk):
+        rows = np.arange(lo, min(lo + chunk, len(a)))
+        b = a[rows] @ g.T
+        b[np.arange(len(rows)), rows] += e[rows]
+        top = np.argpartition(-b, n - 1, axis=1)[:, :n]
+        cols[rows], vals[rows] = top, np.take_along_axis(b, top, 1)
+    return cols, vals
+
+
 class KnnPopularity:
     """Item-kNN evidence scaled to [0, 1] per user (as the model's in-graph scorer) + `weight` x popularity scaled
     to [0, 1]: a hybrid for the *next session*, whose first items lean on what is popular (docs/model.md)."""

@@ -12,6 +12,7 @@ def register(app: typer.Typer) -> None:
     app.command("train")(train_command)
     app.command("eval")(eval_command)
     app.command("export")(export_command)
+    app.command("refit")(refit_command)
     app.command("explain-check")(explain_check_command)
     app.command("eval-scenarios")(eval_scenarios_command)
 
@@ -32,6 +33,8 @@ def train_command(
         None, help="> 0: also predict items 2..window ahead [default: TrainConfig's]"
     ),
     future_window: int | None = typer.Option(None, help="[default: TrainConfig's]"),
+    serve_len: int | None = typer.Option(None, help="inference reads the newest N events [default: TrainConfig's]"),
+    ease_neighbours: int | None = typer.Option(None, help="EASE as top-N neighbours, 0 = dense [TrainConfig's]"),
     device: str = typer.Option("auto", help="auto = cuda when present, else cpu"),
 ) -> None:
     """Train the interest Transformer: checkpoint.pt, vocab.json, categories.json, metrics.json, train_curve.png."""
@@ -41,6 +44,7 @@ def train_command(
 
     tuning = {"d_model": d_model, "dropout": dropout, "weight_decay": weight_decay}
     tuning |= {"future_weight": future_weight, "future_window": future_window}
+    tuning |= {"serve_len": serve_len, "ease_neighbours": ease_neighbours}
     overrides = {k: v for k, v in tuning.items() if v is not None}  # unset: the dataclass's defaults, kept in one place
     cfg = TrainConfig(
         dataset=dataset,
@@ -115,6 +119,22 @@ def export_command(
     typer.echo(f"model.onnx: {result.onnx_path} (version {version}: {name}; onnx vs eager: {diffs})")
     typer.echo(f"production repository: {result.production}")
     typer.echo(f"CPU twin repository:   {result.twin}   (interest-stream triton --repo {result.twin})")
+
+
+def refit_command(
+    checkpoint: Path = typer.Option(Path("artifacts/model"), help="checkpoint dir written by `interest-stream train`"),
+    out: Path = typer.Option(..., help="where to write the refitted checkpoint"),
+    serve_len: int = typer.Option(50, help="inference reads the newest N events (0 = all)"),
+    ease_neighbours: int = typer.Option(100, help="EASE as each item's top-N neighbours (0 = dense factors)"),
+) -> None:
+    """The same Transformer weights with other serving flags: the item-item scorer re-fitted on validation, tested."""
+    import json
+
+    from models.train import refit
+
+    meta = refit(checkpoint, out, serve_len=serve_len, ease_neighbours=ease_neighbours).metadata
+    typer.echo(f"{out}: validation NDCG@10 {meta['knn'].get('val_ndcg10', float('nan')):.4f} served")
+    typer.echo(f"test: {json.dumps({k: round(v, 4) for k, v in meta['test_metrics'].items()})}")
 
 
 def explain_check_command(

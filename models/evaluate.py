@@ -33,7 +33,7 @@ VARIANTS: dict[str, dict] = {
     "model": {},
     "sasrec": {
         "use_session_pos": False, "use_time_gaps": False, "use_fusion": False, "item_bias": False, "knn_rank": 0,
-        "category_history": False,
+        "category_history": False, "serve_len": 0,  # the published recipe reads all 200 events
     },
     # SASRec's Transformer with the in-graph item-kNN scorer (the model's until EASE replaced it, docs/model.md)
     "sasrec_knn": {

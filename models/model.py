@@ -54,10 +54,14 @@ class ModelConfig:
     category_history: bool = True  # category logits also see the history's genre shares
     category_share_mix: float = 0.0  # with category_history: served score = (1 - mix) sigmoid(head) + mix share
     n_scenarios: int = 0  # len(EncoderConfig.scenarios): the interest can be asked per known scenario
+    ease_neighbours: int = 0  # > 0: EASE's item-item weights as each item's top-N neighbours, not dense factors
+    serve_len: int = 0  # inference reads the newest serve_len events (0 = all max_len); training always all
 
     def __post_init__(self) -> None:
         if self.history_scorer not in ("knn", "ease"):
             raise ValueError(f"history_scorer must be 'knn' or 'ease', not {self.history_scorer!r}")
+        if self.ease_neighbours and self.history_scorer != "ease":
+            raise ValueError("ease_neighbours needs history_scorer='ease'")
 
     @classmethod
     def for_encoder(cls, enc: EncoderConfig, n_items: int, **kw) -> ModelConfig:
@@ -99,14 +103,26 @@ class Block(nn.Module):
         x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, L, D)))
         return x + self.drop(self.mlp(self.ln2(x)))
 
-    def readout(self, x: Tensor, mask: Tensor, query_add: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """K and V [B, H, L, D/H] of every position, for `readout` (without the queries it does not need)."""
+        B, L, D = x.shape
+        d = self.qkv.out_features // 3
+        kv = F.linear(self.ln1(x), self.qkv.weight[d:], self.qkv.bias[d:])
+        k, v = kv.view(B, L, 2, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def readout(
+        self, x: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor, query_add: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Inference at the last position only: its output [B, 1, d] and its attention over the positions [B, L]
-        (softmax weights, mean over heads; computed explicitly because SDPA does not return them)."""
+        (softmax weights, mean over heads; computed explicitly because SDPA does not return them). `kv`: from
+        `keys_values(x)`, shared by every readout of one history; `mask`: the last query's row [B, H|1, 1, L]."""
         B, D = x.shape[0], x.shape[2]
-        _, k, v = self._heads(x)
+        k, v = kv
         x = x[:, -1:] if query_add is None else x[:, -1:] + query_add
-        q = self._heads(x)[0]  # [B, H, 1, D/H]
-        att = (q @ k.transpose(-2, -1) * (D // self.n_heads) ** -0.5 + mask[..., -1:, :]).softmax(-1)
+        d = self.qkv.out_features // 3
+        q = F.linear(self.ln1(x), self.qkv.weight[:d], self.qkv.bias[:d]).view(B, 1, self.n_heads, -1).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1) * (D // self.n_heads) ** -0.5 + mask).softmax(-1)  # [B, H, 1, L]
         x = x + self.proj((att @ v).transpose(1, 2).reshape(B, 1, D))
         return x + self.mlp(self.ln2(x)), att.mean(1)[:, 0]
 
@@ -181,6 +197,9 @@ class InterestTransformer(nn.Module):
         if cfg.history_scorer == "ease":  # EASE: knn_factors holds X^T, these the rest (models.baselines.ease_factors)
             self.register_buffer("ease_out", torch.zeros(cfg.n_items, cfg.knn_rank))
             self.register_buffer("ease_self", torch.zeros(cfg.n_items))
+        if cfg.ease_neighbours:  # sparse EASE (models.baselines.ease_neighbours): served instead of the factors
+            self.register_buffer("neighbour_items", torch.zeros(cfg.n_items, cfg.ease_neighbours, dtype=torch.int32))
+            self.register_buffer("neighbour_weights", torch.zeros(cfg.n_items, cfg.ease_neighbours))
         nn.init.normal_(self.item_emb.weight, std=d**-0.5)  # unit-norm rows: logits start at +-scale
         for emb in (self.type_emb, self.gap_emb, self.pos_emb):
             nn.init.normal_(emb.weight, std=0.02)  # small next to the items (default N(0, 1) drowns them)
@@ -209,7 +228,7 @@ class InterestTransformer(nn.Module):
         # query i may attend key j <= i that is not padding; always itself (no empty rows, no NaN)
         allowed = ((self.causal[:L, :L] & valid.unsqueeze(1)) | self.eye[:L, :L]).unsqueeze(1)  # [B,1,L,L]
         mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, _NEG)
-        if cfg.use_session_pos:
+        if cfg.use_session_pos:  # one [B, H, L, L] bias per sequence, shared by every block (and the readout's row)
             dist = (session_pos.unsqueeze(1) - session_pos.unsqueeze(2)).clamp(0, cfg.max_session_dist)  # [B,Lq,Lk]
             mask = mask + self.session_bias(dist).permute(0, 3, 1, 2)  # [B,H,L,L]
         for block in self.blocks[:-1]:
@@ -235,12 +254,20 @@ class InterestTransformer(nn.Module):
         return F.normalize(h, dim=-1)
 
     def readout(
-        self, ctx: Tensor, mask: Tensor, session_pos: Tensor, valid: Tensor, target: Tensor | None = None
+        self,
+        ctx: Tensor,
+        mask: Tensor,
+        session_pos: Tensor,
+        valid: Tensor,
+        target: Tensor | None = None,
+        kv: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Inference: the interest [B, d] at the last position (the cold vector for an empty history), asked about
-        scenario `target` [B] (None = any), and the readout's attention over the positions [B, L] (0 on padding)."""
+        scenario `target` [B] (None = any), and the readout's attention over the positions [B, L] (0 on padding).
+        `kv`: the last block's keys and values of `ctx`, when several readouts share them."""
         ask = None if target is None else self.target_emb(target).unsqueeze(1)
-        h, att = self.blocks[-1].readout(ctx, mask, ask)
+        last = self.blocks[-1]
+        h, att = last.readout(ctx, kv or last.keys_values(ctx), mask[..., -1:, :], ask)
         h = self.ln_f(h)
         if self.fusion is not None:
             h = self.fusion(h, ctx, session_pos, valid)
@@ -261,21 +288,31 @@ class InterestTransformer(nn.Module):
         target_scenario: Tensor | None = None,
     ) -> Tensor:
         """Interest [B, d], L2-normalized; the cold vector where the history is empty (last position is PAD)."""
-        ctx, mask, valid = self.context(item_ids, event_types, session_pos, time_gaps, scenarios)
-        return self.readout(ctx, mask, session_pos, valid, target_scenario)[0]
+        ctx, mask, valid = self.context(*self.window(item_ids, event_types, session_pos, time_gaps, scenarios))
+        return self.readout(ctx, mask, session_pos[:, -ctx.shape[1] :], valid, target_scenario)[0]
 
     def serve(
         self, item_ids: Tensor, event_types: Tensor, session_pos: Tensor, time_gaps: Tensor, scenarios: Tensor
     ) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """What serving needs in one pass: the interest, its attention per position (the explanation), and the
-        interest asked about each known scenario (the blocks before the last run once)."""
-        ctx, mask, valid = self.context(item_ids, event_types, session_pos, time_gaps, scenarios)
-        interest, weights = self.readout(ctx, mask, session_pos, valid)
+        """What serving needs in one pass: the interest, its attention per position (the explanation, 0 on events
+        beyond `serve_len`), and the interest asked about each known scenario (the blocks before the last and the
+        last block's keys and values computed once)."""
+        ctx, mask, valid = self.context(*self.window(item_ids, event_types, session_pos, time_gaps, scenarios))
+        pos, kv = session_pos[:, -ctx.shape[1] :], self.blocks[-1].keys_values(ctx)
+        interest, weights = self.readout(ctx, mask, pos, valid, kv=kv)
         per_scenario = [
-            self.readout(ctx, mask, session_pos, valid, torch.full_like(item_ids[:, 0], 2 + s))[0]
+            self.readout(ctx, mask, pos, valid, torch.full_like(item_ids[:, 0], 2 + s), kv)[0]
             for s in range(self.cfg.n_scenarios)
         ]
+        if n := self.cfg.serve_len:  # zeros for the events not read (a slice of the input: static in ONNX)
+            weights = torch.cat([torch.zeros_like(item_ids[:, :-n], dtype=weights.dtype), weights], 1)
         return interest, weights, per_scenario
+
+    def window(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        """The newest `serve_len` events of each input (inference only): attention costs grow with the square of
+        the length, and the recency positions count back from the newest event, so a shorter window is in-domain."""
+        n = self.cfg.serve_len
+        return tuple(t[:, -n:] for t in inputs) if n else inputs
 
     def scale(self) -> Tensor:
         return self.logit_scale.clamp(max=math.log(100.0)).exp()
@@ -288,14 +325,21 @@ class InterestTransformer(nn.Module):
     def knn_scores(self, item_ids: Tensor) -> Tensor:
         """[B, n_items] item-item evidence from the history h (decay^(events back) per event), divided by the row
         maximum (0 when empty). kNN: h S with S = F F^T, an item's similarity to itself left out. EASE: h B, computed
-        as (h X^T) ease_out^T + h * ease_self (models.baselines.ease_factors), the same scores as the Ease baseline.
+        as (h X^T) ease_out^T + h * ease_self (models.baselines.ease_factors), the same scores as the Ease baseline;
+        with `ease_neighbours`, as the sum of the history items' top-N rows of B. h: the newest `serve_len` events.
 
         Written so the exported graph holds F once: rows are gathered and F multiplies from the left (a constant
         F^T or F * F would be folded into extra copies of the largest initializer)."""
+        item_ids = self.window(item_ids)[0]  # decay^k: the newest events carry the evidence
         L = item_ids.shape[1]
         f = self.knn_factors
         back = torch.arange(L - 1, -1, -1, device=item_ids.device, dtype=f.dtype)
         w = self.knn_decay.pow(back) * (item_ids != PAD).to(f.dtype)  # [B, L]
+        if self.cfg.ease_neighbours:  # the sum of the history items' neighbour rows, decay-weighted
+            cols = self.neighbour_items[item_ids].flatten(1).long()  # [B, L * N]
+            vals = (self.neighbour_weights[item_ids] * w.unsqueeze(-1)).flatten(1)
+            out = torch.zeros(item_ids.shape[0], f.shape[0], dtype=f.dtype, device=f.device).scatter_add(1, cols, vals)
+            return out / out.amax(1, keepdim=True).clamp(min=1e-6)
         rows = f[item_ids]  # [B, L, rank]
         user = (rows * w.unsqueeze(-1)).sum(1)  # [B, rank]: the history in factor space
         if self.cfg.history_scorer == "ease":
@@ -333,7 +377,9 @@ class InterestTransformer(nn.Module):
         """[B, n_categories] in [0, 1]: the estimated share of the coming items that carry each genre (multi-label:
         a movie has several genres). The head, trained on that share, is mixed with the history's own shares: alone
         it ranks genres less accurately and less personally than the history does (docs/model.md)."""
-        shares = self.history_genre_shares(item_ids)[:, -1]
+        valid = (item_ids != PAD).to(self.item_categories.dtype)  # the shares at the last position only
+        counts = (self.item_categories[item_ids] * valid.unsqueeze(-1)).sum(1)
+        shares = counts / valid.sum(1, keepdim=True).clamp(min=1.0)
         head = torch.sigmoid(self.category_logits(interest, shares))
         mix = self.cfg.category_share_mix if self.cfg.category_history else 0.0
         return head if mix == 0 else (1.0 - mix) * head + mix * shares

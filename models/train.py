@@ -8,11 +8,10 @@ scorer (EASE by default, item-kNN optional) is fitted on validation; CUDA when p
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 
 from core.encoding import PAD, EncoderConfig, Vocabulary, encode_batch
 from core.sessions import UserState
+from models.checkpoint import Checkpoint, load_checkpoint, save
 from models.data import Dataset, Split, load, prefix, split
 from models.model import InterestTransformer, ModelConfig
 from models.ranking import (
@@ -50,6 +50,8 @@ class TrainConfig:
     category_share_mix: float = 0.6  # picked on held-out penultimate sessions (docs/model.md)
     knn_rank: int = 1024  # in-graph item-item factor columns (exact up to this many training users); 0 = none
     history_scorer: str = "ease"  # in-graph item-item scorer fused with the Transformer: "ease" or "knn"
+    ease_neighbours: int = 100  # EASE served as each item's top-N neighbours (0 = dense factors; docs/model.md)
+    serve_len: int = 50  # inference reads the newest N events (0 = max_len; training always max_len)
     batch_size: int = 16  # small data: many small steps beat few large ones on CPU
     lr: float = 2e-3
     weight_decay: float = 0.0
@@ -64,17 +66,6 @@ class TrainConfig:
     max_minutes: float = 8.0
     patience: int = 8  # epochs without a better validation NDCG@10
     device: str = "auto"
-
-
-@dataclass
-class Checkpoint:
-    model: InterestTransformer  # eval mode
-    model_config: ModelConfig
-    encoder_config: EncoderConfig
-    vocab: Vocabulary
-    categories: list[str]
-    item_categories: torch.Tensor | None
-    metadata: dict = field(default_factory=dict)
 
 
 def seed_all(seed: int) -> None:
@@ -237,6 +228,8 @@ def train(
     flags |= {k: getattr(cfg, k) for k in ("use_session_pos", "use_time_gaps", "use_fusion", "item_bias")}
     flags |= {"knn_rank": min(cfg.knn_rank, len(sp.train)), "category_history": cfg.category_history}
     flags |= {"category_share_mix": cfg.category_share_mix, "history_scorer": cfg.history_scorer}
+    neighbours = min(cfg.ease_neighbours, len(ds.vocab)) if cfg.history_scorer == "ease" and cfg.knn_rank else 0
+    flags |= {"serve_len": cfg.serve_len, "ease_neighbours": neighbours}
     mcfg = ModelConfig.for_encoder(enc, len(ds.vocab), n_categories=len(ds.categories), **flags)
     model = InterestTransformer(mcfg).to(device)
     item_cats = torch.from_numpy(ds.item_categories).to(device) if ds.item_categories is not None else None
@@ -323,7 +316,7 @@ def fit_knn(model: InterestTransformer, ds: Dataset, sp: Split, enc: EncoderConf
     """Fill the in-graph item-item scorer from the training histories (kNN similarity factors, or EASE's for each
     of EASE_LAMBDAS), then pick its recency decay, mixing weight (and EASE's lambda) by grid search on the
     VALIDATION targets (NDCG@10). Weight 0 = the Transformer alone."""
-    from models.baselines import ease_factors, knn_factors
+    from models.baselines import ease_factors, ease_neighbours, knn_factors
 
     device = next(model.parameters()).device
     x = to_tensors(sp.val_inputs, ds.vocab, enc, device)
@@ -335,12 +328,13 @@ def fit_knn(model: InterestTransformer, ds: Dataset, sp: Split, enc: EncoderConf
         if not ease:
             model.knn_factors.copy_(torch.from_numpy(knn_factors(sp.train, ds.vocab, model.cfg.knn_rank)))
             return
-        for buf, v in zip(
-            ("knn_factors", "ease_out", "ease_self"),
-            ease_factors(sp.train, ds.vocab, lam, model.cfg.knn_rank),
-            strict=True,
-        ):
+        factors = ease_factors(sp.train, ds.vocab, lam, model.cfg.knn_rank)
+        for buf, v in zip(("knn_factors", "ease_out", "ease_self"), factors, strict=True):
             getattr(model, buf).copy_(torch.from_numpy(v))
+        if n := model.cfg.ease_neighbours:  # what is served: the grid below scores with these
+            cols, weights = ease_neighbours(*factors, n)
+            model.neighbour_items.copy_(torch.from_numpy(cols))
+            model.neighbour_weights.copy_(torch.from_numpy(weights))
 
     best = (-1.0, 0.0, 1.0, 0.0)
     for lam in EASE_LAMBDAS if ease else (0.0,):
@@ -358,63 +352,22 @@ def fit_knn(model: InterestTransformer, ds: Dataset, sp: Split, enc: EncoderConf
     return {"val_ndcg10": best[0], "weight": best[1], "decay": best[2]} | ({"lam": best[3]} if ease else {})
 
 
-def save(ckpt: Checkpoint, out: Path, history: dict[str, list[float]]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "state_dict": {k: v.cpu() for k, v in ckpt.model.state_dict().items()},
-            "model_config": ckpt.model_config.to_dict(),
-            "encoder_config": ckpt.encoder_config.to_dict(),
-            "vocab": ckpt.vocab.items,
-            "categories": ckpt.categories,
-            "item_categories": None if ckpt.item_categories is None else ckpt.item_categories.cpu(),
-            "metadata": ckpt.metadata,
-        },
-        out / "checkpoint.pt",
-    )
-    (out / "vocab.json").write_text(ckpt.vocab.to_json())
-    (out / "categories.json").write_text(json.dumps(ckpt.categories))
-    (out / "metrics.json").write_text(json.dumps({**ckpt.metadata, "history": history}, indent=2))
-    plot_curve(history, out / "train_curve.png")
+def refit(path: str | Path, out: str | Path, ds: Dataset | None = None, **model_flags) -> Checkpoint:
+    """A trained checkpoint with other serving flags (`ModelConfig` fields such as serve_len, ease_neighbours):
+    the same Transformer weights, the item-item scorer fitted again on validation for them, test metrics again."""
+    import dataclasses
 
-
-#: Parameters added after checkpoints were first saved; their zero init is exactly the model without them.
-NEWER_PARAMETERS = {"scenario_emb.weight", "target_emb.weight"}
-
-
-def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
-    """A checkpoint directory (or its checkpoint.pt) -> the model in eval mode with everything to encode inputs."""
-    path = Path(path)
-    blob = torch.load(path / "checkpoint.pt" if path.is_dir() else path, map_location=device, weights_only=True)
-    mcfg = ModelConfig(**blob["model_config"])
+    ckpt = load_checkpoint(path)
+    mcfg = dataclasses.replace(ckpt.model_config, **model_flags)
     model = InterestTransformer(mcfg)
-    missing, unexpected = model.load_state_dict(blob["state_dict"], strict=False)
-    if unexpected or set(missing) - NEWER_PARAMETERS:
-        raise RuntimeError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
-    return Checkpoint(
-        model.to(device).eval(),
-        mcfg,
-        EncoderConfig.from_dict(blob["encoder_config"]),
-        Vocabulary(blob["vocab"]),
-        list(blob["categories"]),
-        blob["item_categories"],
-        blob["metadata"],
-    )
-
-
-def plot_curve(history: dict[str, list[float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(history["loss"], color="tab:blue", label="train loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss", color="tab:blue")
-    ax2 = ax.twinx()
-    ax2.plot(history["val_ndcg10"], color="tab:orange", label="val NDCG@10")
-    ax2.set_ylabel("validation NDCG@10", color="tab:orange")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    weights = {k: v for k, v in ckpt.model.state_dict().items() if not k.startswith("neighbour_")}
+    model.load_state_dict(weights, strict=False)  # the neighbour rows: filled by fit_knn
+    model.eval()
+    ds = ds or load(ckpt.metadata.get("train_config", {}).get("dataset", "movielens"))
+    sp = split(ds)
+    knn = fit_knn(model, ds, sp, ckpt.encoder_config) if mcfg.knn_rank > 0 else {}
+    meta = ckpt.metadata | {"knn": knn, "test_metrics": evaluate_model(model, ds, sp, ckpt.encoder_config)}
+    meta["refit_from"], meta["model_version"] = str(path), None
+    new = Checkpoint(model, mcfg, ckpt.encoder_config, ckpt.vocab, ckpt.categories, ckpt.item_categories, meta)
+    save(new, Path(out), {"loss": [], "val_ndcg10": []})
+    return new

@@ -192,3 +192,39 @@ def test_onnx_equals_eager_with_item_scorer_item_bias_and_genre_shares(tmp_path,
     with torch.no_grad():
         knn = model.knn_scores(args[0])
     assert knn[0].abs().max() == 0 and torch.allclose(knn[1:].amax(1), torch.ones(len(knn) - 1))  # empty: no NaN
+
+
+def test_onnx_equals_eager_with_sparse_ease_and_a_serving_length(tmp_path) -> None:
+    """The served levers (issue 26): EASE as top-N neighbour rows and a serving length cap export like the rest;
+    the dense factors stay out of the graph, and the explanation is 0 on the events beyond the cap."""
+    import onnx
+
+    from core.encoding import EncoderConfig
+    from models.export import export_onnx
+    from models.model import InterestTransformer, ModelConfig
+
+    torch.manual_seed(0)
+    enc = EncoderConfig(max_len=200)
+    mcfg = ModelConfig.for_encoder(
+        enc, TINY_ITEMS, n_categories=5, d_model=16, knn_rank=8, history_scorer="ease", ease_neighbours=6, serve_len=50
+    )
+    model = InterestTransformer(mcfg).eval()
+    with torch.no_grad():
+        model.neighbour_items.copy_(torch.randint(2, TINY_ITEMS, model.neighbour_items.shape, dtype=torch.int32))
+        model.neighbour_weights.normal_()
+        model.knn_decay.fill_(0.8)
+        model.knn_weight.fill_(5.0)
+        model.item_bias.normal_()
+    serving = ServingModel(model, 20)
+    path = export_onnx(serving, tmp_path / "model.onnx", enc.max_len)
+    dims = [list(t.dims) for t in onnx.load(str(path)).graph.initializer]
+    assert [TINY_ITEMS, 8] not in dims and [TINY_ITEMS, 6] in dims, dims
+    x = every_length(enc.max_len, seed=3)
+    x["scenarios"] = np.minimum(x["scenarios"], 1)
+    ref = dict(zip(OUTPUT_NAMES, run_eager(serving, x), strict=True))
+    got = dict(zip(OUTPUT_NAMES, ort.InferenceSession(str(path)).run(list(OUTPUT_NAMES), x), strict=True))
+    for name in ("interest", "category_scores", "event_weights"):
+        np.testing.assert_allclose(got[name], ref[name], rtol=0, atol=TOL, err_msg=name)
+    np.testing.assert_allclose(got["top_scores"], ref["top_scores"], rtol=TOL, atol=TOL)
+    assert (got["top_items"] == ref["top_items"]).all(1).mean() > 0.95
+    assert got["event_weights"].shape == (201, 200) and (got["event_weights"][:, :-50] == 0).all()

@@ -106,3 +106,17 @@ def test_causal_and_blind_to_how_many_sessions_follow(fusion: bool):
     torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
     torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+
+
+def test_serve_len_reads_only_the_newest_events():
+    """Inference with `serve_len` n is the uncapped model on the newest n events (the same weights: recency
+    positions count back from the newest event); the explanation is 0 on the events it did not read."""
+    capped, full = tiny(serve_len=10), tiny()
+    x = inputs(histories())
+    with torch.no_grad():
+        interest, weights, _ = capped.serve(**x)
+        torch.testing.assert_close(interest, full(**{k: v[:, -10:] for k, v in x.items()}))
+        torch.testing.assert_close(capped(**x), interest)
+        assert weights.shape == x["item_ids"].shape and (weights[:, :-10] == 0).all()
+        torch.testing.assert_close(weights[1:, -10:].sum(1), torch.ones(5))
+        assert not torch.allclose(full(**x)[1:], interest[1:])  # some histories are longer than 10

@@ -137,6 +137,40 @@ def test_in_graph_scorer_ranks_like_its_baseline(movielens, scorer):
         )
 
 
+def test_ease_neighbours_are_the_largest_weights_of_each_row(movielens):
+    """Sparse EASE: with every item as a neighbour the in-graph scores are the dense factors' scores; with N, each
+    item keeps the N largest weights of its row of B."""
+    from core.encoding import EncoderConfig, Vocabulary
+    from models.baselines import ease_factors, ease_neighbours
+    from models.model import InterestTransformer, ModelConfig
+
+    states = movielens.states[:12]
+    vocab = Vocabulary(sorted({i for s in states for i in s.items}))
+    factors = ease_factors(states, vocab, 5.0, 16)
+    models = []
+    for n in (0, len(vocab)):
+        cfg = ModelConfig.for_encoder(EncoderConfig(), len(vocab), n_categories=2, knn_rank=16, d_model=8,
+                                      history_scorer="ease", ease_neighbours=n)  # fmt: skip
+        model = InterestTransformer(cfg).eval()
+        with torch.no_grad():
+            for name, v in zip(("knn_factors", "ease_out", "ease_self"), factors, strict=True):
+                getattr(model, name).copy_(torch.from_numpy(v))
+            if n:
+                cols, vals = ease_neighbours(*factors, n)
+                model.neighbour_items.copy_(torch.from_numpy(cols))
+                model.neighbour_weights.copy_(torch.from_numpy(vals))
+            model.knn_decay.fill_(0.9)
+        models.append(model)
+    x = torch.from_numpy(encode_batch(states, vocab, EncoderConfig())["item_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(models[1].knn_scores(x), models[0].knn_scores(x), atol=1e-5, rtol=1e-5)
+    a, g, e = factors
+    b = a @ g.T + np.diag(e)
+    cols, vals = ease_neighbours(*factors, 5)
+    np.testing.assert_allclose(np.sort(vals, 1), np.sort(b, 1)[:, -5:], atol=1e-6)
+    np.testing.assert_allclose(np.take_along_axis(b, cols.astype(np.int64), 1), vals, atol=1e-6)
+
+
 def test_baselines_rank_sensibly(movielens):
     ds = movielens
     sp = split(ds)
@@ -178,7 +212,7 @@ def test_ease_is_the_closed_form(movielens, n_items):
 
 @pytest.mark.slow  # trains for a few epochs
 def test_train_save_load_roundtrip(movielens, tmp_path):
-    from models.train import TrainConfig, load_checkpoint, train
+    from models.train import TrainConfig, load_checkpoint, refit, train
 
     ds = replace(movielens, states=movielens.states[:40], users=movielens.users[:40])
     cfg = TrainConfig(max_len=20, d_model=16, max_epochs=2, batch_size=16, device="cpu")
@@ -200,6 +234,11 @@ def test_train_save_load_roundtrip(movielens, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(**x), ckpt.model(**x))
         assert torch.isfinite(loaded.model.item_scores(loaded.model(**x), x["item_ids"])[:, 2:]).all()
+    refit(tmp_path, tmp_path / "refit", ds, serve_len=8, ease_neighbours=5)  # the same weights, other serving flags
+    again = load_checkpoint(tmp_path / "refit")
+    assert (again.model_config.serve_len, again.model_config.ease_neighbours) == (8, 5)
+    assert again.model.neighbour_weights.abs().sum() > 0 and "ndcg10" in again.metadata["test_metrics"]
+    torch.testing.assert_close(again.model.item_emb.weight, ckpt.model.item_emb.weight)
 
 
 def test_result_line_names_the_best_baseline_per_metric():
