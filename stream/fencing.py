@@ -19,8 +19,8 @@ again from the committed offset.
 
 What remains (docs/output.md): the check and the write are not one atomic step. A worker frozen in the
 microseconds between a successful check and its sends still sends; closing that window needs Kafka transactions
-with producer-epoch fencing (one transactional producer per input partition), which Faust 0.15.3's
-exactly-once mode provides but which the local broker cannot exercise under failover here.
+with producer-epoch fencing (one transactional producer per input partition; docs/output.md says why Faust's
+exactly-once mode is not used). Cost: one Heartbeat round trip to the coordinator per check, two per batch.
 """
 
 from __future__ import annotations
