@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -34,6 +35,17 @@ def every_length(max_len: int, seed: int = 0) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def session(tiny_export) -> ort.InferenceSession:
     return ort.InferenceSession(str(tiny_export.onnx_path), providers=["CPUExecutionProvider"])
+
+
+def assert_onnx_matches_eager(serving: ServingModel, path: Any, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The ONNX file at `path` gives eager's outputs on `x` (top items up to ties); returns ONNX's outputs."""
+    ref = dict(zip(OUTPUT_NAMES, run_eager(serving, x), strict=True))
+    got = dict(zip(OUTPUT_NAMES, ort.InferenceSession(str(path)).run(list(OUTPUT_NAMES), x), strict=True))
+    for name in ("interest", "category_scores", "event_weights"):
+        np.testing.assert_allclose(got[name], ref[name], rtol=0, atol=TOL, err_msg=name)
+    np.testing.assert_allclose(got["top_scores"], ref["top_scores"], rtol=TOL, atol=TOL)
+    assert (got["top_items"] == ref["top_items"]).all(1).mean() > 0.95
+    return got
 
 
 def test_onnx_equals_eager_for_every_length_and_empty(tiny_checkpoint, tiny_export, session) -> None:
@@ -182,12 +194,7 @@ def test_onnx_equals_eager_with_item_scorer_item_bias_and_genre_shares(tmp_path,
     x = every_length(enc.max_len, seed=2)
     x["scenarios"] = np.minimum(x["scenarios"], 1)  # this model knows no scenario: all encode as none
     assert serving.output_names == OUTPUT_NAMES
-    ref = dict(zip(OUTPUT_NAMES, run_eager(serving, x), strict=True))
-    got = dict(zip(OUTPUT_NAMES, ort.InferenceSession(str(path)).run(list(OUTPUT_NAMES), x), strict=True))
-    for name in ("interest", "category_scores", "event_weights"):
-        np.testing.assert_allclose(got[name], ref[name], rtol=0, atol=TOL, err_msg=name)
-    np.testing.assert_allclose(got["top_scores"], ref["top_scores"], rtol=TOL, atol=TOL)
-    assert (got["top_items"] == ref["top_items"]).all(1).mean() > 0.95
+    assert_onnx_matches_eager(serving, path, x)
     args = [torch.from_numpy(x[n]) for n in INPUT_NAMES]
     with torch.no_grad():
         knn = model.knn_scores(args[0])
@@ -221,10 +228,5 @@ def test_onnx_equals_eager_with_sparse_ease_and_a_serving_length(tmp_path) -> No
     assert [TINY_ITEMS, 8] not in dims and [TINY_ITEMS, 6] in dims, dims
     x = every_length(enc.max_len, seed=3)
     x["scenarios"] = np.minimum(x["scenarios"], 1)
-    ref = dict(zip(OUTPUT_NAMES, run_eager(serving, x), strict=True))
-    got = dict(zip(OUTPUT_NAMES, ort.InferenceSession(str(path)).run(list(OUTPUT_NAMES), x), strict=True))
-    for name in ("interest", "category_scores", "event_weights"):
-        np.testing.assert_allclose(got[name], ref[name], rtol=0, atol=TOL, err_msg=name)
-    np.testing.assert_allclose(got["top_scores"], ref["top_scores"], rtol=TOL, atol=TOL)
-    assert (got["top_items"] == ref["top_items"]).all(1).mean() > 0.95
+    got = assert_onnx_matches_eager(serving, path, x)
     assert got["event_weights"].shape == (201, 200) and (got["event_weights"][:, :-50] == 0).all()
