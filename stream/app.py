@@ -8,9 +8,11 @@ state and record go to the user table (stream/tables.py: changelog acknowledged,
 to the output topic. Bad input goes to `<events>-dlq` with the reason in headers (stream/deadletter.py): the worker
 never stops on input. A `forget` control message erases its user (stream/erasure.py; docs/events.md).
 
-Nothing lost, nothing conflicting (docs/output.md): a batch's offsets are committed only after the step finished;
-a crash anywhere in between re-reads the events, which the stored state recognises as replays by their offset,
-and the stored record is published again, byte for byte.
+Batches overlap (stream/overlap.py): the next one is folded while one waits for Triton and the acks, a user's
+writes and records staying in order. Nothing lost, nothing conflicting (docs/output.md): a batch's offsets are
+committed only after its step finished (the agent acknowledges it then); a crash anywhere in between re-reads the
+events, which the stored state recognises as replays by their offset, and the stored record is published again,
+byte for byte.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import faust
@@ -29,6 +32,7 @@ from stream.batching import take_batches
 from stream.continuity import BrokerReader, Continuity
 from stream.fencing import for_app
 from stream.inference import InterestModel
+from stream.overlap import Overlap
 from stream.settings import Settings
 from stream.step import BatchStep
 from stream.tables import TABLE, UserTable
@@ -85,11 +89,20 @@ def create_app(settings: Settings, *, on_stage: Callable[[str, int], None] | Non
 
     @app.agent(events_topic)
     async def ingest(stream: faust.StreamT) -> None:
-        async for batch in take_batches(stream, settings.worker_batch_max, within=settings.worker_batch_wait_s):
-            events, filled = await gap_free(batch)
-            await step.process_until_done(events)
-            for ev in filled:  # Faust never saw them: acknowledged here, so its commit covers them
-                app.consumer.ack(ev.message)
+        overlap = Overlap(step, depth=settings.worker_batches_in_flight)
+        try:
+            async for batch in take_batches(stream, settings.worker_batch_max, within=settings.worker_batch_wait_s):
+                events, filled = await gap_free(batch)
+                await overlap.submit(events, partial(acknowledge, stream, batch, filled))
+        finally:
+            await overlap.close()
+
+    async def acknowledge(stream: faust.StreamT, batch: list[Any], filled: list[Any]) -> None:
+        """A finished batch's messages are done: Faust commits up to the contiguous acknowledged offsets."""
+        for ev in batch:
+            await stream.ack(ev)
+        for ev in filled:  # Faust never saw them: acknowledged here, so its commit covers them
+            app.consumer.ack(ev.message)
 
     async def gap_free(batch: list[Any]) -> tuple[list[Any], list[Any]]:
         """The batch with its gaps filled (stream/continuity.py); a broker error is waited out, never raised:

@@ -1,13 +1,16 @@
-"""The agent's batches: Faust's `Stream.take_events`, changed in one place so that an idle worker sleeps.
+"""The agent's batches: Faust's `Stream.take_events`, changed in two places: an idle worker sleeps, and the agent
+acknowledges a batch itself.
 
-Faust's `take_events(max_, within)` waits up to `within` for its buffer to fill, in a loop, whether or not any event
-came: an idle agent wakes 1/within times a second, 0.3-0.4 ms of CPU each on the reference machine: 0.006 of a
-core at a 50 ms window, 0.021 at 20 ms, against an idle budget of 0.02 (docs/benchmarks.md). Here the window opens
-at the first buffered event: with nothing buffered the loop waits for an event (or the stop) with no timer. The
-window can then be short without an idle cost. Everything else (the buffer, the acks once the agent moves on, the stop)
-is Faust's own code, copied from faust-streaming 0.15.3 (`faust/streams.py`). Pinned (stream/pins.py): on any
-other release `take_batches` raises `UnsupportedRelease` rather than run a copy of code that may have changed
-under it, and the worker refuses to start before that. Re-read that method before moving the pin.
+Faust's `take_events(max_, within)` acknowledges a batch's events as soon as the agent asks for the next one; here
+the agent acknowledges them once the batch is durable (`Stream.ack`), because stream/overlap.py keeps a batch in
+flight after the agent moved on. And Faust's version waits up to `within` for its buffer to fill, in a loop,
+whether or not any event came: an idle agent wakes 1/within times a second, 0.3-0.4 ms of CPU each on the
+reference machine: 0.006 of a core at a 50 ms window, 0.021 at 20 ms, against an idle budget of 0.02
+(docs/benchmarks.md). Here the window opens at the first buffered event: with nothing buffered the loop waits for
+an event (or the stop) with no timer. The window can then be short without an idle cost. Everything else (the
+buffer, the stop) is Faust's own code, copied from faust-streaming 0.15.3 (`faust/streams.py`). Pinned
+(stream/pins.py): on any other release `take_batches` raises `UnsupportedRelease` rather than run a copy of code
+that may have changed under it, and the worker refuses to start before that. Re-read that method before moving the pin.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ async def _take_events(self: Any, max_: int, within: float) -> AsyncGenerator[Se
             await self.crash(exc)
         return value
 
-    self.enable_acks = False  # the events are acked here, once the agent has handled their batch
+    self.enable_acks = False  # the agent acks the events (`Stream.ack`) once their batch is durable
     self.add_processor(add_to_buffer)
     self._enable_passive(channel_it)
     try:
@@ -84,9 +87,7 @@ async def _take_events(self: Any, max_: int, within: float) -> AsyncGenerator[Se
                 try:
                     yield list(events)
                 finally:
-                    buffer.clear()
-                    for event in events:
-                        await self.ack(event)
+                    buffer.clear()  # CHANGED: no acks here: the agent acknowledges a batch once it is durable
                     events.clear()
                     notify(buffer_consuming)  # the held add_to_buffer runs on the loop's next turn, not before:
                     buffer_full.clear()

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     # does not wake for it (stream/batching.py). 20 ms: lower live latency than 50 ms, at equal throughput
     # (docs/benchmarks.md, "Live"); 10 ms made the batches too small for Triton at 500 ev/s.
     worker_batch_wait_s: float = Field(0.02, gt=0)
+    # Batches in flight (stream/overlap.py): 2 folds the next batch while one waits for Triton and the acks;
+    # 1 is the serial step (fold, infer, write, send, then the next batch).
+    worker_batches_in_flight: int = Field(2, ge=1, le=8)
     # Producer linger: without it every changelog/output write of a batch went out as its own produce request
     # (the ingest profile showed ~1 request per write, ~11 % of the worker's time); a few ms coalesces them.
     worker_producer_linger_ms: int = Field(5, ge=0, le=1000)

@@ -12,6 +12,9 @@ The step is the ordering of named stages; each lives where its name says:
 Every write and every send is preceded by the fence (stream/fencing.py): a worker that may have lost the batch's
 partitions in a rebalance abandons the batch instead.
 
+Stages 1-3 (`prepare`) and 4-5 (`finish`) are separate methods so that stream/overlap.py can fold the next batch
+while this one waits for Triton and the acks; `process` runs them back to back.
+
 Effectively once, per user: the new value is durable before its record is published, and the state remembers
 the highest input offset it folded. After a crash the uncommitted input is read again; those events are replays
 (`Outcome.REPLAY`), which change nothing, and the user's stored record is published again, byte for byte, once.
@@ -45,6 +48,11 @@ log = logging.getLogger(__name__)
 
 Pairs = list[tuple[Event, EventT]]
 Elements = dict[int, tuple[int, bytes]]  # id(event) -> (index, own bytes), for the events of batch envelopes
+Inferred = tuple[list[UserState], list[bytes]]  # the users' next states and their records
+
+
+class HasForget(Exception):
+    """`prepare(forgets=False)` met a forget: the caller runs the batch with nothing else in flight."""
 
 
 @dataclass
@@ -59,6 +67,22 @@ class Folded:
     report: Applied
     changed: bool  # the state differs from the stored one
     stored_seq: int  # the seq of the stored state (and of its record, when it has one)
+
+
+@dataclass
+class Prepared:
+    """A batch after `prepare` (validated, forgets executed, folded): what `finish` republishes, writes, sends."""
+
+    batch: list[EventT]
+    users: list[Folded]
+
+    @property
+    def owned(self) -> list[Any]:
+        return [ev.message for ev in self.batch]
+
+
+Stored = tuple[UserValue | None, UserState]  # a user's stored value and its decoded state
+Read = Callable[[int, bytes], Stored]  # (partition, key) -> what `fold` starts from
 
 
 class BatchStep:
@@ -94,13 +118,14 @@ class BatchStep:
     def stage(self, point: str) -> None:
         self.on_stage(point, self.published)
 
-    async def process_until_done(self, batch: list[EventT]) -> None:
+    async def process_until_done(self, batch: list[EventT], dead: DeadLetters | None = None) -> None:
         """Faust acks a take() batch even when the agent raises, so a failed batch is retried here, never left
         (stream/isolation.py): an outage stalls its partitions loudly (lag alert, /health degraded, ERROR logs)
         instead of committing lost updates, and a message that fails the step by itself is dead-lettered alone
         (reason `internal`) while the rest is applied. A retried batch never dead-letters a message twice."""
-        dead, me = DeadLetters(self.dlq, self.dlq_max_bytes), id(batch)
-        self.started[me] = time.monotonic()
+        dead = self.dead_letters() if dead is None else dead  # a caller's: what it already dead-lettered stays done
+        me = id(batch)
+        self.started.setdefault(me, time.monotonic())
         metrics.MESSAGES_READ.inc(len(batch))
 
         def failed(error: BaseException, size: int) -> None:
@@ -123,30 +148,52 @@ class BatchStep:
             self.started.pop(me, None)
             self.failing.discard(me)
 
+    def dead_letters(self) -> DeadLetters:
+        return DeadLetters(self.dlq, self.dlq_max_bytes)
+
     async def process(self, batch: list[EventT], dead: DeadLetters | None = None) -> None:
         """One attempt at `batch`. The DLQ sends are awaited at its end, also when it fails, so a retry knows
         exactly which were delivered."""
-        dead = DeadLetters(self.dlq, self.dlq_max_bytes) if dead is None else dead
-        owned = [ev.message for ev in batch]
+        dead = self.dead_letters() if dead is None else dead
         try:
-            by_user, elements = await self.validate(batch, dead)
-            if any(isinstance(m, Forget) for pairs in by_user.values() for m, _ in pairs):
-                await self.fence(owned)
-                by_user = await forget(by_user, self.tables, self.output, dead, self.stage)  # type: ignore[arg-type]
-            users = [await self.fold(key, pairs, dead, elements) for key, pairs in by_user.items()]  # type: ignore[arg-type]
-            await self.republish([u for u in users if Outcome.REPLAY in u.report.outcomes], owned)
-            # with inference on, a dirty state (changed now, or stored while inference was off) gets a new record;
-            # any other change (ingest only, identities' bookkeeping) is stored with the record it had
-            infer = self.model is not None
-            to_infer = [u for u in users if infer and u.state.dirty]
-            keep = [self._keep_record(u) for u in users if u.changed and not (infer and u.state.dirty)]
-            if to_infer:
-                await self.publish(to_infer, keep, owned)
-            elif keep:
-                await self.fence(owned)
-                await self.tables.write(keep)
+            await self.finish(await self.prepare(batch, dead))
         finally:
             await dead.flush()
+
+    async def prepare(
+        self, batch: list[EventT], dead: DeadLetters, read: Read | None = None, *, forgets: bool = True
+    ) -> Prepared:
+        """Validate, forget, fold: each user's new state, nothing written yet except forgets and DLQ sends.
+        `read`: where a user's state comes from (the table; stream/overlap.py passes states still in flight).
+        `forgets=False`: raise `HasForget` instead of executing one (erasure writes at once)."""
+        by_user, elements = await self.validate(batch, dead)
+        if any(isinstance(m, Forget) for pairs in by_user.values() for m, _ in pairs):
+            if not forgets:
+                raise HasForget()
+            await self.fence([ev.message for ev in batch])
+            by_user = await forget(by_user, self.tables, self.output, dead, self.stage)  # type: ignore[arg-type]
+        read = read or self.read
+        users = [await self.fold(key, pairs, dead, elements, read) for key, pairs in by_user.items()]  # type: ignore[arg-type]
+        return Prepared(batch, users)
+
+    def split(self, users: list[Folded]) -> tuple[list[Folded], list[Write]]:
+        """With inference on, a dirty state (changed now, or stored while inference was off) gets a new record;
+        any other change (ingest only, identities' bookkeeping) is stored with the record it had."""
+        infer = self.model is not None
+        to_infer = [u for u in users if infer and u.state.dirty]
+        keep = [self._keep_record(u) for u in users if u.changed and not (infer and u.state.dirty)]
+        return to_infer, keep
+
+    async def finish(self, prepared: Prepared, inferred: Inferred | None = None) -> None:
+        """Republish, infer (unless `inferred` was computed already for `split`'s users), write, publish."""
+        users, owned = prepared.users, prepared.owned
+        await self.republish([u for u in users if Outcome.REPLAY in u.report.outcomes], owned)
+        to_infer, keep = self.split(users)
+        if to_infer:
+            await self.publish(to_infer, inferred or await self.infer(to_infer), keep, owned)
+        elif keep:
+            await self.fence(owned)
+            await self.tables.write(keep)
 
     async def validate(
         self, batch: list[EventT], dead: DeadLetters
@@ -165,11 +212,14 @@ class BatchStep:
                     elements[id(parsed)] = (part.index, part.raw)
         return by_user, elements
 
-    async def fold(self, key: bytes, pairs: Pairs, dead: DeadLetters, elements: Elements) -> Folded:
+    def read(self, partition: int, key: bytes) -> Stored:
+        stored = self.tables.get(partition, key)
+        return stored, decode_state(stored.state if stored else None)
+
+    async def fold(self, key: bytes, pairs: Pairs, dead: DeadLetters, elements: Elements, read: Read) -> Folded:
         """Fold one user's events into its stored state; late events go to the DLQ."""
         partition = pairs[-1][1].message.partition  # a user's events all come from its key's partition
-        stored = self.tables.get(partition, key)
-        state = decode_state(stored.state if stored else None)
+        stored, state = read(partition, key)
         offsets = [ev.message.offset for _, ev in pairs]
         new_state, report = apply_events(state, [e for e, _ in pairs], self.session_cfg, offsets)
         for outcome, (event, ev) in zip(report.outcomes, pairs, strict=True):
@@ -205,13 +255,17 @@ class BatchStep:
             self.republished.update((u.key, u.stored_seq) for u in again)
             metrics.OUTPUTS_REPUBLISHED.inc(len(again))
 
-    async def publish(self, users: list[Folded], keep: list[Write], owned: list[Any]) -> None:
-        """Infer; write the new states with their records, and `keep` (changelog acknowledged, then RocksDB);
-        then publish. Both the write and the sends happen only while this worker owns `owned`'s partitions."""
+    async def infer(self, users: list[Folded]) -> Inferred:
+        """The users' next states (seq + 1, clean) and their records, from one inference call."""
         assert self.model is not None
-        metrics.USERS_PENDING.set(len(users))
         states = [replace(u.state, seq=u.state.seq + 1, dirty=False) for u in users]
-        records = await self.model.records([u.key.decode() for u in users], states)
+        return states, await self.model.records([u.key.decode() for u in users], states)
+
+    async def publish(self, users: list[Folded], inferred: Inferred, keep: list[Write], owned: list[Any]) -> None:
+        """Write the new states with their records, and `keep` (changelog acknowledged, then RocksDB); then
+        publish. Both the write and the sends happen only while this worker owns `owned`'s partitions."""
+        metrics.USERS_PENDING.set(len(users))
+        states, records = inferred
         updates = [Write(u.partition, u.key, self._value(s, r)) for u, s, r in zip(users, states, records, strict=True)]
         self.stage("before_changelog")
         await self.fence(owned)

@@ -1,8 +1,8 @@
 """`stream.batching.take_batches` on a stand-in for a Faust stream (the parts of `faust.Stream` it uses): the window
-opens at a batch's first event, a batch never exceeds `max_`, events are acked once their batch was handled, and an
-idle agent does not wake. No clock: the stand-in records every wait with its timeout, and the test closes a timed
-window itself, so the checks are about which waits happen, never about how long they took on a busy box. The
-worker tests run it inside real Faust against the real broker."""
+opens at a batch's first event, a batch never exceeds `max_`, events are never acked by it (the agent acks a batch
+once it is durable: stream/overlap.py), and an idle agent does not wake. No clock: the stand-in records every wait
+with its timeout, and the test closes a timed window itself, so the checks are about which waits happen, never
+about how long they took on a busy box. The worker tests run it inside real Faust against the real broker."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ async def until(condition: Callable[[], bool]) -> None:
     raise AssertionError("condition never held")
 
 
-def test_batches_open_at_the_first_event_hold_at_most_max_and_are_acked_after_handling() -> None:
+def test_batches_open_at_the_first_event_hold_at_most_max_and_are_left_to_the_agent_to_ack() -> None:
     async def main() -> None:
         stream = FakeStream()
         batches = take_batches(stream, 4, within=0.5)  # type: ignore[arg-type]
@@ -109,18 +109,18 @@ def test_batches_open_at_the_first_event_hold_at_most_max_and_are_acked_after_ha
             stream.queue.put_nowait(value)
         assert [e.value for e in await first] == [0, 1, 2, 3], "full: yielded without the window closing"
         assert stream.waits == [None, 0.5], "the window opened at the first event"
-        assert stream.acked == [] and not stream.enable_acks, "acked only after the agent handled the batch"
+        assert stream.acked == [] and not stream.enable_acks, "Faust's own per-event acks are off"
 
         second = asyncio.ensure_future(anext(batches))  # the last two: when the window, opened at event 4, closes
         await until(lambda: stream.fed == 6 and stream.waiting and stream.waits[-1] == 0.5)
-        assert not second.done() and stream.acked == [0, 1, 2, 3]
+        assert not second.done() and stream.acked == [], "moving on acks nothing: the agent acks when durable"
         stream.close_window()
         assert [e.value for e in await second] == [4, 5]
 
         third = asyncio.ensure_future(anext(batches))
         await until(lambda: stream.waiting)
         waits = len(stream.waits)
-        assert stream.waits[-1] is None and stream.acked == [0, 1, 2, 3, 4, 5], "idle again: no timer"
+        assert stream.waits[-1] is None and stream.acked == [], "idle again: no timer"
         stream.queue.put_nowait(6)
         await until(lambda: stream.fed == 7 and stream.waiting and stream.waits[-1] == 0.5)
         assert stream.waits[waits:] == [0.5], "the idle wait ended at the event, the window opened there"
