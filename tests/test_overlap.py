@@ -121,8 +121,11 @@ def test_a_fenced_batch_is_abandoned_and_the_batch_folded_on_it_is_redone_withou
 # Random batches: users a-d on two partitions, some bad messages, some forgets, inference failing at random calls.
 USERS = "abcd"
 batch_specs = st.lists(
-    st.lists(st.tuples(st.sampled_from(USERS), st.sampled_from(["ok", "ok", "ok", "ok", "bad", "forget"])),
-             min_size=1, max_size=6),
+    st.lists(
+        st.tuples(st.sampled_from(USERS), st.sampled_from(["ok", "ok", "ok", "ok", "bad", "forget"])),
+        min_size=1,
+        max_size=6,
+    ),
     min_size=1,
     max_size=6,
 )
