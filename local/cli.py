@@ -245,6 +245,7 @@ def bench_live(
     plot: Path | None = typer.Option(None, help="PNG of rate vs p99 (default: <work-dir>/live-capacity.png)"),
     seed: int = typer.Option(0, help="Seed of the synthetic traffic"),
     envelope: int = typer.Option(1, min=1, max=500, help="Events per message: batch envelopes of one user's events"),
+    in_flight: int | None = typer.Option(None, min=1, max=8, help="WORKER_BATCHES_IN_FLIGHT (1: the serial step)"),
 ) -> None:
     """Latency at a downstream consumer per offered rate, live capacity at the SLO, framework cost, idle CPU."""
     from local.bench.live import print_result, run
@@ -259,7 +260,7 @@ def bench_live(
         repo, work_dir, rates=offered, seconds=seconds, users=users, zipf_a=zipf, slo_ms=slo_ms, drain_s=drain_s,
         give_up_s=give_up_s, warmup_s=warmup_s, idle_s=idle_s, cost_events=cost_events,
         longpoll_ms=None if no_longpoll else longpoll_ms, batch_max=batch_max, batch_wait_s=batch_wait_s, plot=plot,
-        seed=seed, envelope=envelope, log=typer.echo,
+        seed=seed, envelope=envelope, in_flight=in_flight, log=typer.echo,
     )  # fmt: skip
     print_result(result)
 

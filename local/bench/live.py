@@ -88,6 +88,7 @@ class LiveResult:
     users: int
     plot: Path | None
     envelope: int = 1  # events per message (batch envelopes of one user's events; 1: plain events)
+    in_flight: int = 0  # WORKER_BATCHES_IN_FLIGHT (0: the worker's default)
 
     @property
     def capacity(self) -> RateResult | None:
@@ -99,7 +100,9 @@ class LiveResult:
             f"RESULT live_capacity_eps={cap.rate if cap else 0:.0f} "
             f"p99_ms_at_capacity={cap.p99_ms if cap else math.nan:.1f} worker_vs_faust_noop={self.cost.ratio:.2f} "
             f"idle_worker_core={self.idle_core:.3f} idle_worker_core_no_longpoll={self.idle_core_no_longpoll:.3f} "
-            f"longpoll_ms={self.longpoll_ms or 0:g}" + (f" envelope={self.envelope}" if self.envelope > 1 else "")
+            f"longpoll_ms={self.longpoll_ms or 0:g}"
+            + (f" envelope={self.envelope}" if self.envelope > 1 else "")
+            + (f" in_flight={self.in_flight}" if self.in_flight else "")
         )
 
 
@@ -296,6 +299,7 @@ def run(
     plot: Path | None = None,
     seed: int = 0,
     envelope: int = 1,
+    in_flight: int | None = None,
     log: Callable[[str], object] = print,
 ) -> LiveResult:
     from local.broker import run_sync
@@ -304,7 +308,7 @@ def run(
     work_dir = Path(work_dir).absolute()
     with LocalPipeline(
         work_dir, repo=repo, workers=1, batch_max=batch_max, batch_wait_s=batch_wait_s, longpoll_ms=longpoll_ms,
-        start_workers=False,
+        start_workers=False, overrides={"worker_batches_in_flight": in_flight} if in_flight else None,
     ) as pipe:  # fmt: skip
         base = pipe.settings
         log("idle worker without the long-polling shim ...")
@@ -333,7 +337,7 @@ def run(
         finally:
             if reader_shim:
                 longpoll.uninstall()
-    result = LiveResult(results, slo_ms, cost, idle_on, idle_off, longpoll_ms, users, None, envelope)
+    result = LiveResult(results, slo_ms, cost, idle_on, idle_off, longpoll_ms, users, None, envelope, in_flight or 0)
     plot = plot or work_dir / "live-capacity.png"
     return LiveResult(**{**result.__dict__, "plot": write_plot(result, plot)})
 
