@@ -32,9 +32,11 @@ from dataclasses import replace
 from faust.types import EventT
 
 from core.sessions import Outcome, UserState
+from stream import metrics
 from stream.deadletter import DeadLetters
 from stream.fencing import Fenced, abandon
 from stream.step import BatchStep, HasForget, Inferred, Prepared, Stored
+from stream.tables import UserValue
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,8 @@ class Overlap:
     def __init__(self, step: BatchStep, depth: int = 2) -> None:
         self.step, self.depth = step, depth
         self.tasks: list[asyncio.Task[bool]] = []  # finishing batches, oldest first; True: finished as prepared
-        self.in_flight: dict[bytes, tuple[int, UserState]] = {}  # user -> (batch id, its state after that batch)
+        # user -> (batch id, its state after that batch, its value's record: None when being inferred)
+        self.in_flight: dict[bytes, tuple[int, UserState, UserValue | None]] = {}
         self.draining = False  # a batch finished irregularly: nothing new is prepared until all in flight ended
 
     async def submit(self, batch: list[EventT], acknowledge: Acknowledge) -> None:
@@ -61,6 +64,7 @@ class Overlap:
             await asyncio.wait([self.tasks[0]])
             self.tasks.pop(0)
         self.draining = False
+        metrics.MESSAGES_READ.inc(len(batch))
         dead = self.step.dead_letters()
         if self.depth <= 1:
             return await self.serially(batch, dead, acknowledge)
@@ -74,26 +78,35 @@ class Overlap:
             await settle(dead)
             await self.drain()
             return await self.serially(batch, dead, acknowledge)
+        to_infer, _ = self.step.split(prepared.users)
+        inferred = {id(u) for u in to_infer}
         for user in prepared.users:
-            after = replace(user.state, seq=user.state.seq + 1, dirty=False) if user.state.dirty else user.state
-            self.in_flight[user.key] = (id(batch), after)
+            if id(user) in inferred:
+                self.in_flight[user.key] = (id(batch), replace(user.state, seq=user.state.seq + 1, dirty=False), None)
+            else:  # stored as it is, with the record it had
+                record = UserValue(b"", user.stored.record if user.stored else None)
+                self.in_flight[user.key] = (id(batch), user.state, record)
         previous = self.tasks[-1] if self.tasks else None
         self.tasks.append(asyncio.create_task(self.finish(prepared, dead, acknowledge, previous)))
 
     def read(self, partition: int, key: bytes) -> Stored:
         """A user's state: the newest one in flight, else the table's."""
         if (pending := self.in_flight.get(key)) is not None:
-            return None, pending[1]
+            _, state, stored = pending
+            return stored, state
         return self.step.read(partition, key)
 
     def check(self, prepared: Prepared) -> None:
-        """A user folded on an in-flight state has no stored record here (its record is still being computed):
-        it must get a new one, and have no replays (a replay republishes the stored record)."""
+        """A user folded on a state whose record is still being inferred has no stored record to keep or send
+        again: it must get a new one, and have no replays (a replay republishes the stored record)."""
         to_infer, _ = self.step.split(prepared.users)
         inferred = {id(u) for u in to_infer}
         for user in prepared.users:
-            if user.key in self.in_flight and (
-                Outcome.REPLAY in user.report.outcomes or (user.changed and id(user) not in inferred)
+            pending = self.in_flight.get(user.key)
+            if (
+                pending is not None
+                and pending[2] is None
+                and (Outcome.REPLAY in user.report.outcomes or (user.changed and id(user) not in inferred))
             ):
                 raise NeedsSerial()
 
@@ -113,6 +126,7 @@ class Overlap:
                 raise NeedsSerial()
             await self.step.finish(prepared, await inference if inference else None)
             await dead.flush()
+            self.step.count(prepared.users)
             as_prepared = True
         except Fenced:
             abandon(ev.message for ev in batch)

@@ -126,7 +126,6 @@ class BatchStep:
         dead = self.dead_letters() if dead is None else dead  # a caller's: what it already dead-lettered stays done
         me = id(batch)
         self.started.setdefault(me, time.monotonic())
-        metrics.MESSAGES_READ.inc(len(batch))
 
         def failed(error: BaseException, size: int) -> None:
             self.failing.add(me)
@@ -156,7 +155,9 @@ class BatchStep:
         exactly which were delivered."""
         dead = self.dead_letters() if dead is None else dead
         try:
-            await self.finish(await self.prepare(batch, dead))
+            prepared = await self.prepare(batch, dead)
+            await self.finish(prepared)
+            self.count(prepared.users)
         finally:
             await dead.flush()
 
@@ -223,24 +224,30 @@ class BatchStep:
         offsets = [ev.message.offset for _, ev in pairs]
         new_state, report = apply_events(state, [e for e, _ in pairs], self.session_cfg, offsets)
         for outcome, (event, ev) in zip(report.outcomes, pairs, strict=True):
-            if outcome is Outcome.APPLIED:
-                metrics.EVENTS_CONSUMED.labels(metrics.event_type_label(event.event_type)).inc()
-            elif outcome is Outcome.DUPLICATE:
-                metrics.DUPLICATES_IGNORED.inc()
-            elif outcome is Outcome.REPLAY:
-                metrics.EVENTS_REPLAYED.inc()
-            else:
+            if outcome is Outcome.LATE:
                 lag_s = (new_state.ts[-1] - event.timestamp) / 1000
                 index, raw = elements.get(id(event), (-1, None))
                 await dead.send(
                     ev, Rejection("late", f"event time is {lag_s:.0f} s behind the user's latest"), index, raw
                 )
-        metrics.SESSIONS_STARTED.inc(report.new_sessions)
-        if report.new_incarnation:
-            metrics.INPUT_OFFSETS_RESTARTED.inc()
-            log.warning("user %r: input offsets went back to %d with new events (events topic recreated?): applied",
-                        key, offsets[0])  # fmt: skip
         return Folded(key, partition, stored, new_state, pairs, report, new_state is not state, state.seq)
+
+    def count(self, users: list[Folded]) -> None:
+        """The metrics of folded users, once their batch is done (a retried or redone batch folds again)."""
+        for user in users:
+            report = user.report
+            for outcome, (event, _) in zip(report.outcomes, user.pairs, strict=True):
+                if outcome is Outcome.APPLIED:
+                    metrics.EVENTS_CONSUMED.labels(metrics.event_type_label(event.event_type)).inc()
+                elif outcome is Outcome.DUPLICATE:
+                    metrics.DUPLICATES_IGNORED.inc()
+                elif outcome is Outcome.REPLAY:
+                    metrics.EVENTS_REPLAYED.inc()
+            metrics.SESSIONS_STARTED.inc(report.new_sessions)
+            if report.new_incarnation:
+                metrics.INPUT_OFFSETS_RESTARTED.inc()
+                log.warning("user %r: input offsets went back to %d with new events (events topic recreated?): "
+                            "applied", user.key, user.pairs[0][1].message.offset)  # fmt: skip
 
     async def republish(self, replayed: list[Folded], owned: list[Any]) -> None:
         """A user whose input is read again (a crash came after its value was stored) may not have reached the

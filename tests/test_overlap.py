@@ -12,6 +12,7 @@ from unittest.mock import AsyncMock
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from core.sessions import UserState, decode_state
 from stream.fencing import Fenced
@@ -159,21 +160,34 @@ def outcome(step: BatchStep, dlq: Any, output: Any, tables: Any) -> tuple[Any, .
     return dict(tables.values), per_user, dead
 
 
-async def run(batches: list[list[FakeEvent]], depth: int, fail_calls: frozenset[int]) -> tuple[Any, list[int]]:
-    step, tables, dlq, output = make_step(GatedModel(turns=2, fail_calls=fail_calls))
+def consumed() -> float:
+    """Events counted as applied so far (every label), from the worker's Prometheus registry."""
+    return sum(s.value for m in REGISTRY.collect() if m.name == "interest_events_consumed" for s in m.samples
+               if s.name.endswith("_total"))  # fmt: skip
+
+
+async def run(
+    batches: list[list[FakeEvent]], depth: int, fail_calls: frozenset[int], infer: bool
+) -> tuple[Any, list[int], float]:
+    model = GatedModel(turns=2, fail_calls=fail_calls) if infer else None
+    step, tables, dlq, output = make_step(model)
     step.sleep = AsyncMock()
-    overlap, acks = Overlap(step, depth=depth), []
+    overlap, acks, before = Overlap(step, depth=depth), [], consumed()
     for i, batch in enumerate(batches):
         await overlap.submit(batch, acker(acks, i))
     await overlap.drain()
-    return outcome(step, dlq, output, tables), acks
+    return outcome(step, dlq, output, tables), acks, consumed() - before
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)
-@given(batch_specs, st.sampled_from([2, 3]), st.frozensets(st.integers(1, 8), max_size=3))
-def test_overlapped_batches_end_exactly_as_the_serial_step(specs: Any, depth: int, fail_calls: frozenset[int]) -> None:
+@given(batch_specs, st.sampled_from([2, 3]), st.frozensets(st.integers(1, 8), max_size=3), st.booleans())
+def test_overlapped_batches_end_exactly_as_the_serial_step(
+    specs: Any, depth: int, fail_calls: frozenset[int], infer: bool
+) -> None:
+    """With inference (failing at random calls) or ingest only: the same table, records, DLQ and metrics."""
     batches = build(specs)
-    serial, serial_acks = asyncio.run(run(build(specs), 1, frozenset()))
-    overlapped, acks = asyncio.run(run(batches, depth, fail_calls))
+    serial, serial_acks, serial_count = asyncio.run(run(build(specs), 1, frozenset(), infer))
+    overlapped, acks, count = asyncio.run(run(batches, depth, fail_calls, infer))
     assert overlapped == serial
     assert acks == serial_acks == list(range(len(batches))), "every batch acknowledged once, in order"
+    assert count == serial_count, "events counted once, also when a batch is redone"
