@@ -192,17 +192,18 @@ def explain_sessions(
     if n == 0:
         return []
     w = np.asarray(event_weights, dtype=np.float64)[cfg.max_len - n :]  # w[j] belongs to event lo + j
+    starts = np.asarray(state.starts, dtype=np.int64)
+    ends = np.append(starts[1:], len(state))
+    inside = ends > lo  # sessions with an event in the window: contiguous, covering events lo..len-1
+    first, a, b = starts[inside], np.maximum(starts[inside], lo), ends[inside]
+    sums = np.add.reduceat(w, a - lo)  # per session, over its events in the window
     out = []
-    for sl in state.session_slices():
-        a, b = max(sl.start, lo), sl.stop
-        if b <= a:
-            continue
-        ws = w[a - lo : b - lo]
+    for k in np.argsort(-sums, kind="stable")[:top_sessions].tolist():  # heaviest first, ties in time order
+        ws = w[a[k] - lo : b[k] - lo]
         order = np.argsort(-ws, kind="stable")
-        items = list(dict.fromkeys(state.items[a + int(j)] for j in order))[:top_items]
-        out.append((state.ts[sl.start], state.ts[b - 1], b - sl.start, float(ws.sum()), items))
-    out.sort(key=lambda s: -s[3])
-    return out[:top_sessions]
+        items = list(dict.fromkeys(state.items[a[k] + int(j)] for j in order))[:top_items]
+        out.append((state.ts[first[k]], state.ts[b[k] - 1], int(b[k] - first[k]), float(sums[k]), items))
+    return out
 
 
 def example_inputs(
