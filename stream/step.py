@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -45,6 +46,11 @@ from stream.settings import Settings
 from stream.tables import Tables, UserValue, Write
 
 log = logging.getLogger(__name__)
+
+# The users whose encoded state `read` recognises without decoding it (the most recently written): a cache, never
+# the truth (a hit needs the stored bytes to equal the ones it encoded). ~30 µs saved per update of an active user;
+# at most ~70 MB (a decoded state of 200 events is ~33 KiB; typical states are a third of that).
+DECODED_STATES = 2048
 
 Pairs = list[tuple[Event, EventT]]
 Elements = dict[int, tuple[int, bytes]]  # id(event) -> (index, own bytes), for the events of batch envelopes
@@ -114,6 +120,7 @@ class BatchStep:
         self.sleep = asyncio.sleep  # the retry back-off (tests pass a fake)
         self.started: dict[int, float] = {}  # batches in flight: id -> monotonic start
         self.failing: set[int] = set()  # batches whose last attempt failed (being retried)
+        self.decoded: OrderedDict[bytes, tuple[bytes, UserState]] = OrderedDict()  # user -> (state bytes, state)
 
     def stage(self, point: str) -> None:
         self.on_stage(point, self.published)
@@ -214,8 +221,15 @@ class BatchStep:
         return by_user, elements
 
     def read(self, partition: int, key: bytes) -> Stored:
+        """The stored value and its state; the state is decoded only when its bytes are not the ones this process
+        last encoded for the user (`decoded`: active users skip the decode)."""
         stored = self.tables.get(partition, key)
-        return stored, decode_state(stored.state if stored else None)
+        if stored is None:
+            return None, decode_state(None)
+        known = self.decoded.get(key)
+        if known is not None and known[0] == stored.state:
+            return stored, known[1]
+        return stored, decode_state(stored.state)
 
     async def fold(self, key: bytes, pairs: Pairs, dead: DeadLetters, elements: Elements, read: Read) -> Folded:
         """Fold one user's events into its stored state; late events go to the DLQ."""
@@ -273,7 +287,8 @@ class BatchStep:
         publish. Both the write and the sends happen only while this worker owns `owned`'s partitions."""
         metrics.USERS_PENDING.set(len(users))
         states, records = inferred
-        updates = [Write(u.partition, u.key, self._value(s, r)) for u, s, r in zip(users, states, records, strict=True)]
+        values = [self._value(u.key, s, r) for u, s, r in zip(users, states, records, strict=True)]
+        updates = [Write(u.partition, u.key, v) for u, v in zip(users, values, strict=True)]
         self.stage("before_changelog")
         await self.fence(owned)
         await self.tables.write([*keep, *updates])
@@ -293,10 +308,15 @@ class BatchStep:
 
     def _keep_record(self, user: Folded) -> Write:
         """The user's new state with the record it already had (ingest only, or identities' bookkeeping)."""
-        return Write(user.partition, user.key, self._value(user.state, user.stored.record if user.stored else None))
+        record = user.stored.record if user.stored else None
+        return Write(user.partition, user.key, self._value(user.key, user.state, record))
 
-    def _value(self, state: UserState, record: bytes | None) -> UserValue:
+    def _value(self, key: bytes, state: UserState, record: bytes | None) -> UserValue:
         data = encode_state(state)
+        self.decoded[key] = (data, state)
+        self.decoded.move_to_end(key)
+        if len(self.decoded) > DECODED_STATES:
+            self.decoded.popitem(last=False)
         metrics.STATE_BYTES.observe(len(data))
         return UserValue(data, record)
 

@@ -6,14 +6,14 @@ import asyncio
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from unittest.mock import AsyncMock, patch
 
 import pytest
 
 from core.schema import Event, Forget, encode_event
-from core.sessions import UserState, decode_state
+from core.sessions import UserState, decode_state, encode_state
 from stream.inference import TritonUnavailable
 from stream.settings import Settings
 from stream.step import BatchStep
@@ -436,3 +436,16 @@ def test_when_every_message_fails_alone_none_is_dead_lettered_and_the_batch_is_r
     step.sleep = AsyncMock()
     asyncio.run(step.process_until_done([message("a", 1, 0), message("b", 1, 1)]))
     assert dlq.sent == [] and set(tables.states) == {b"a", b"b"} and len(output.sent) == 2
+
+
+def test_a_state_this_process_wrote_is_not_decoded_again_unless_its_stored_bytes_changed() -> None:
+    step, tables, _, _ = make_step(FakeModel())
+    asyncio.run(step.process([message("a", 1, 0)]))
+    with patch("stream.step.decode_state", side_effect=decode_state) as decode:
+        asyncio.run(step.process([message("a", 2, 1)]))
+        assert decode.call_count == 0, "the bytes it wrote for a: the state it encoded them from"
+        stored = tables.values[b"a"]  # another writer (a restore, another owner) left other bytes for a
+        other = UserValue(encode_state(replace(decode_state(stored.state), events_seen=41)), stored.record)
+        tables.values[b"a"] = other
+        asyncio.run(step.process([message("a", 3, 2)]))
+        assert decode.call_count == 1 and decode_state(tables.states[b"a"]).events_seen == 42
