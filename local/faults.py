@@ -72,14 +72,14 @@ def hang_in_batch(how: str) -> None:
     if how not in HANGS:
         raise ValueError(f"FAULT_HANG must be one of {HANGS}, not {how!r}")
 
-    async def process(self: Any, batch: Any, *args: Any) -> None:
+    async def prepare(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
         log.error("fault injection: this batch of %d messages hangs forever (%s)", len(batch), how)
         if how == "block":
             while True:
                 time.sleep(3600)
         await asyncio.Event().wait()
 
-    stream.step.BatchStep.process = process  # type: ignore[method-assign]
+    stream.step.BatchStep.prepare = prepare  # type: ignore[method-assign]  # the first stage of every path
 
 
 def poison(item: str) -> None:
