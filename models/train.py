@@ -312,33 +312,37 @@ EASE_LAMBDAS = (100.0, 300.0, 1000.0)
 
 
 @torch.no_grad()
+def fill_item_item(model: InterestTransformer, histories: list[UserState], vocab: Vocabulary, lam: float) -> None:
+    """The in-graph item-item scorer's buffers from `histories` (kNN factors, or EASE's with regularization `lam`
+    and, when served sparse, its top-N neighbour rows); decay and weight are left as they are. Also how the
+    continuous learner (models.learn) refits EASE on the stream with the lambda picked at training."""
+    from models.baselines import ease_factors, ease_neighbours, knn_factors
+
+    if model.cfg.history_scorer != "ease":
+        model.knn_factors.copy_(torch.from_numpy(knn_factors(histories, vocab, model.cfg.knn_rank)))
+        return
+    factors = ease_factors(histories, vocab, lam, model.cfg.knn_rank)
+    for buf, v in zip(("knn_factors", "ease_out", "ease_self"), factors, strict=True):
+        getattr(model, buf).copy_(torch.from_numpy(v))
+    if n := model.cfg.ease_neighbours:  # what is served: validation grids score with these
+        cols, weights = ease_neighbours(*factors, n)
+        model.neighbour_items.copy_(torch.from_numpy(cols))
+        model.neighbour_weights.copy_(torch.from_numpy(weights))
+
+
+@torch.no_grad()
 def fit_knn(model: InterestTransformer, ds: Dataset, sp: Split, enc: EncoderConfig) -> dict[str, float]:
     """Fill the in-graph item-item scorer from the training histories (kNN similarity factors, or EASE's for each
     of EASE_LAMBDAS), then pick its recency decay, mixing weight (and EASE's lambda) by grid search on the
     VALIDATION targets (NDCG@10). Weight 0 = the Transformer alone."""
-    from models.baselines import ease_factors, ease_neighbours, knn_factors
-
     device = next(model.parameters()).device
     x = to_tensors(sp.val_inputs, ds.vocab, enc, device)
     seen = torch.from_numpy(seen_mask(sp.val_inputs, ds.vocab)).to(device)
     base = model.item_logits(model(**x)).masked_fill(seen, float("-inf"))
     ease = model.cfg.history_scorer == "ease"
-
-    def fill(lam: float) -> None:
-        if not ease:
-            model.knn_factors.copy_(torch.from_numpy(knn_factors(sp.train, ds.vocab, model.cfg.knn_rank)))
-            return
-        factors = ease_factors(sp.train, ds.vocab, lam, model.cfg.knn_rank)
-        for buf, v in zip(("knn_factors", "ease_out", "ease_self"), factors, strict=True):
-            getattr(model, buf).copy_(torch.from_numpy(v))
-        if n := model.cfg.ease_neighbours:  # what is served: the grid below scores with these
-            cols, weights = ease_neighbours(*factors, n)
-            model.neighbour_items.copy_(torch.from_numpy(cols))
-            model.neighbour_weights.copy_(torch.from_numpy(weights))
-
     best = (-1.0, 0.0, 1.0, 0.0)
     for lam in EASE_LAMBDAS if ease else (0.0,):
-        fill(lam)
+        fill_item_item(model, sp.train, ds.vocab, lam)
         for decay in KNN_DECAYS:
             model.knn_decay.fill_(decay)
             knn = model.knn_scores(x["item_ids"])
@@ -346,7 +350,7 @@ def fit_knn(model: InterestTransformer, ds: Dataset, sp: Split, enc: EncoderConf
                 v = next_item_metrics((base + w * knn).cpu().numpy(), sp.val_targets, 10)["ndcg10"]
                 best = max(best, (v, w, decay, lam))
     if ease:  # the last lambda tried is not necessarily the best; kNN factors do not depend on it
-        fill(best[3])
+        fill_item_item(model, sp.train, ds.vocab, best[3])
     model.knn_weight.fill_(best[1])
     model.knn_decay.fill_(best[2])
     return {"val_ndcg10": best[0], "weight": best[1], "decay": best[2]} | ({"lam": best[3]} if ease else {})
