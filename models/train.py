@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from core.encoding import PAD, EncoderConfig, Vocabulary, encode_batch
 from core.sessions import UserState
 from models.checkpoint import Checkpoint, load_checkpoint, save
+from models.coldstart import fit_short_weight
 from models.data import Dataset, Split, load, prefix, split
 from models.model import InterestTransformer, ModelConfig
 from models.ranking import (
@@ -280,13 +281,17 @@ def train(
     model.load_state_dict(best_state)
     model.eval()
     knn = fit_knn(model, ds, sp, enc) if cfg.knn_rank > 0 else {}
+    if knn:  # short histories: more weight on the item-item evidence, picked on validation (models.coldstart)
+        knn["short_weight"] = fit_short_weight(model, ds, sp, enc)["short_weight"]
     metrics = evaluate_model(model, ds, sp, enc)
     alone = {}
     if cfg.knn_rank > 0:  # the ablation without the kNN scorer, from the same weights
-        w = model.knn_weight.item()
+        w, short = model.knn_weight.item(), model.knn_short_weight.item()
         model.knn_weight.fill_(0.0)
+        model.knn_short_weight.fill_(0.0)
         alone = {"test_metrics_alone": evaluate_model(model, ds, sp, enc)}
         model.knn_weight.fill_(w)
+        model.knn_short_weight.fill_(short)
     meta = {
         "dataset": ds.name,
         "data_hash": ds.data_hash,

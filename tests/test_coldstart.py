@@ -70,3 +70,48 @@ def test_length_result_line_compares_the_model_with_the_best_named_baseline_per_
     pop["by_length"]["1"] = 0.07
     assert "best_baseline_len1=0.0700" in length_result_line(length_summary(results, ("model",)))
     assert length_table(lengths)[-1].startswith("| model | 0.0500 ± 0.0100 |")
+
+
+def test_the_short_history_weight_scales_the_item_item_evidence_by_one_over_the_events_read():
+    import torch
+
+    from core.encoding import encode_batch
+    from core.sessions import UserState
+    from tests.fixtures.triton import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(max_len=20)
+    model = ckpt.model
+    items = tuple(f"item{i}" for i in range(5))
+    states = [UserState(ts=tuple(range(1, n + 1)), items=items[:n], types=("view",) * n, values=(None,) * n,
+                        fps=tuple(range(n)), starts=(0,)) for n in (1, 5)]  # fmt: skip
+    ids = torch.from_numpy(encode_batch(states, ckpt.vocab, ckpt.encoder_config)["item_ids"])
+    with torch.no_grad():
+        knn = model.knn_scores(ids)[:, 2:]
+        got = model.history_scores(ids)[:, 2:]
+    w, s = model.knn_weight.item(), model.knn_short_weight.item()
+    assert s > 0
+    torch.testing.assert_close(got, torch.stack([(w + s / 1) * knn[0], (w + s / 5) * knn[1]]))
+    with torch.no_grad():
+        model.knn_short_weight.fill_(0.0)
+        torch.testing.assert_close(model.history_scores(ids)[:, 2:], w * knn)  # 0: the model before issue 27
+
+
+def test_fit_short_weight_never_lowers_the_validation_mean():
+    from dataclasses import replace
+
+    import torch
+
+    from models.coldstart import SHORT_WEIGHTS, fit_short_weight
+    from models.data import load_movielens, split
+    from models.train import fill_item_item
+    from tests.fixtures.small_model import small_checkpoint
+
+    ml = load_movielens()
+    ds = replace(ml, states=ml.states[:60], users=ml.users[:60])
+    ckpt = small_checkpoint(ds.states, ml.categories)
+    ds.vocab = ckpt.vocab
+    sp = split(ds)
+    fill_item_item(ckpt.model, sp.train, ckpt.vocab, 30.0)
+    fit = fit_short_weight(ckpt.model, ds, sp, ckpt.encoder_config)
+    assert fit["short_weight"] in SHORT_WEIGHTS and fit["val_mean_ndcg10"] >= fit["val_mean_ndcg10_without"]
+    assert ckpt.model.knn_short_weight.item() == fit["short_weight"] and torch.isfinite(ckpt.model.knn_short_weight)

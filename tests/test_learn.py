@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from core.encoding import EncoderConfig, encode_batch
-from models.checkpoint import Checkpoint
-from models.data import load_movielens, vocabulary_of
+from core.encoding import encode_batch
+from models.data import load_movielens
 from models.learn import (
     LearnConfig,
     cooccurring,
@@ -23,29 +22,16 @@ from models.learn import (
     unseen_items,
     validate,
 )
-from models.model import InterestTransformer, ModelConfig
+from tests.fixtures.small_model import small_checkpoint
 
 
 @pytest.fixture(scope="module")
 def setup():
-    """A small untrained Transformer with EASE filled on 40 MovieLens users (what learning needs of a checkpoint,
-    without minutes of training); users 40..79 bring items it has never seen."""
-    from models.train import TrainConfig, fill_item_item
-
+    """A small untrained Transformer with EASE filled on 40 MovieLens users; users 40..79 bring items it has never
+    seen."""
     ml = load_movielens()
     known, later = ml.states[:40], ml.states[40:80]
-    vocab = vocabulary_of(known)
-    cfg = TrainConfig(max_len=20, d_model=16, device="cpu", serve_len=0, ease_neighbours=50, knn_rank=40)
-    enc = EncoderConfig(max_len=cfg.max_len)
-    flags = {"d_model": 16, "knn_rank": 40, "history_scorer": "ease", "ease_neighbours": 50}
-    mcfg = ModelConfig.for_encoder(enc, len(vocab), n_categories=len(ml.categories), **flags)
-    torch.manual_seed(0)
-    model = InterestTransformer(mcfg).eval()
-    fill_item_item(model, known, vocab, lam=30.0)
-    model.knn_weight.fill_(8.0)
-    meta = {"knn": {"lam": 30.0}, "train_config": asdict(cfg)}
-    cats = torch.zeros(len(vocab), len(ml.categories))
-    return Checkpoint(model, mcfg, enc, vocab, ml.categories, cats, meta), known, later
+    return small_checkpoint(known, ml.categories), known, later
 
 
 def scores(ckpt, states):
@@ -108,6 +94,7 @@ def test_validation_refuses_a_worse_candidate_and_accepts_an_equal_one(setup):
         g = torch.Generator().manual_seed(0)
         worse.model.item_emb.weight.copy_(torch.randn(worse.model.item_emb.weight.shape, generator=g))
         worse.model.knn_weight.fill_(0.0)
+        worse.model.knn_short_weight.fill_(0.0)
     v = validate(worse, ckpt, inputs, targets, tolerance=0.0)
     assert not v.promote and v.reason == "worse" and v.candidate_ndcg10 < v.serving_ndcg10
     assert validate(worse, ckpt, [], [], 0.0).reason == "no_holdout"
