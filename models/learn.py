@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ ITEM_ROWS = (
 @dataclass
 class LearnConfig:
     steps: int = 100  # fine-tuning optimizer steps per interval: the trainer's cost is bounded by it
+    cpu_budget_s: float = 0.0  # > 0: fine-tuning also stops once it has used this many CPU seconds
     batch_size: int = 16
     lr: float = 5e-4  # a quarter of training's: small corrections to a trained model, not a new one
     max_windows: int = 2000  # recent training windows kept for fine-tuning (newest first)
@@ -142,7 +144,7 @@ def refit_item_item(ckpt: Checkpoint, histories: Sequence[UserState]) -> None:
 
 def fine_tune(ckpt: Checkpoint, histories: Sequence[UserState], cfg: LearnConfig) -> list[float]:
     """`cfg.steps` AdamW steps of the training loss on the newest windows of `histories` (in place; the model is
-    left in eval mode). Returns the losses; an empty list when there is nothing to learn from."""
+    left in eval mode), fewer if `cfg.cpu_budget_s` runs out. Returns the losses (empty: nothing to learn from)."""
     from models.train import TrainConfig, loss_fn, to_tensors, windows
 
     wins = [w for w in windows(list(histories), ckpt.encoder_config.max_len) if len(w) >= 2][: cfg.max_windows]
@@ -155,9 +157,11 @@ def fine_tune(ckpt: Checkpoint, histories: Sequence[UserState], cfg: LearnConfig
     tcfg = TrainConfig(**{k: v for k, v in ckpt.metadata.get("train_config", {}).items() if k != "device"})
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=tcfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    losses = []
+    losses, t0 = [], time.process_time()
     model.train()
     for _ in range(cfg.steps):
+        if cfg.cpu_budget_s > 0 and time.process_time() - t0 >= cfg.cpu_budget_s:
+            break
         idx = torch.randint(len(wins), (min(cfg.batch_size, len(wins)),), generator=gen).to(device)
         width = int(lengths[idx].max())
         loss = loss_fn(model, {k: v[idx, -width:] for k, v in data.items()}, tcfg)
