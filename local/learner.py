@@ -90,6 +90,9 @@ class Learner:
         self.last_step = clock()
         VOCABULARY.set(len(serving.vocab) - 2)
         SERVED_VERSION.set(version)
+        exported = cfg.repo / MODEL / str(version)
+        if exported.is_dir():  # the served version's export time: a restart does not look like a fresh promotion
+            LAST_PROMOTION.set(exported.stat().st_mtime)
 
     def observe(self, messages: Iterable[Event | Forget]) -> None:
         for m in messages:

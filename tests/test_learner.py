@@ -48,6 +48,8 @@ def test_a_due_interval_promotes_version_2_with_the_new_items_and_the_metrics_sa
     serving, version = resume(cfg)
     loaded: list[int] = []
     learner = Learner(cfg, serving, version, load=loaded.append)
+    exported_v1 = (cfg.repo / MODEL / "1").stat().st_mtime
+    assert metric("interest_learner_last_promotion_timestamp_seconds") == exported_v1  # not 0: no false alert
     before = metric("interest_learner_promotions_total")
     events = events_of(ml, range(0, 80))
     learner.observe(events[:2000])
@@ -63,7 +65,7 @@ def test_a_due_interval_promotes_version_2_with_the_new_items_and_the_metrics_sa
     assert metric("interest_learner_promotions_total") == before + 1
     assert metric("interest_learner_vocabulary_size") == len(v2.vocab) - 2
     assert metric("interest_learner_served_version") == 2
-    assert metric("interest_learner_last_promotion_timestamp_seconds") > 0
+    assert metric("interest_learner_last_promotion_timestamp_seconds") >= exported_v1
     again, version = resume(cfg)  # a restarted trainer goes on from its own newest version
     assert version == 2 and again.vocab.items == v2.vocab.items
 
