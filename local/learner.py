@@ -20,7 +20,9 @@ import asyncio
 import bisect
 import logging
 import os
+import socket
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -169,13 +171,21 @@ def resume(cfg: LearnerConfig) -> tuple[Checkpoint, int]:
 
 
 def triton_loader(http_url: str) -> Callable[[int], None]:
-    """Explicit model control: ask Triton to load the model again (it picks up the new version directory)."""
+    """Explicit model control: ask every Triton behind `http_url` to load the model again (it picks up the new
+    version directory). The host may name several replicas (a headless Service): each address is asked."""
 
     def load(version: int) -> None:
-        req = urllib.request.Request(f"{http_url}/v2/repository/models/{MODEL}/load", data=b"", method="POST")
-        with urllib.request.urlopen(req, timeout=120) as response:
-            if response.status != 200:
-                raise RuntimeError(f"Triton did not load {MODEL} version {version}: HTTP {response.status}")
+        url = urllib.parse.urlsplit(http_url)
+        port = url.port or 80
+        addresses = sorted(
+            {a[4][0] for a in socket.getaddrinfo(url.hostname, port, socket.AF_INET, socket.SOCK_STREAM)}
+        )
+        for address in addresses:
+            req = urllib.request.Request(f"{url.scheme}://{address}:{port}/v2/repository/models/{MODEL}/load",
+                                         data=b"", method="POST")  # fmt: skip
+            with urllib.request.urlopen(req, timeout=120) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"Triton {address} did not load {MODEL} version {version}: {response.status}")
 
     return load
 
