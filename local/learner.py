@@ -21,6 +21,7 @@ import bisect
 import logging
 import os
 import socket
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -66,8 +67,8 @@ class LearnerConfig:
     steps: int = 100
     cpu_budget_s: float = 120.0  # fine-tuning stops when a step used this much CPU
     tolerance: float = 0.0  # a candidate this much worse (validation NDCG@10) is still promoted
-    threads: int = 1
-    nice: int = 10
+    threads: int = 1  # torch threads (0: as they are)
+    nice: int = 10  # nice increment (0: none)
     group_id: str = "interest-learner"
     triton_http: str = ""  # explicit model control: loaded here after export; "" = Triton polls the repository
     session: SessionConfig = field(default_factory=SessionConfig)  # the worker's bounds: 200 events, 20 sessions
@@ -212,15 +213,18 @@ def genres_of(ckpt: Checkpoint) -> Callable[[str], np.ndarray] | None:
 
 
 def bound_cost(cfg: LearnerConfig) -> None:
+    """Lower this process's priority and torch's threads (0 leaves either as it is: a test runs in-process)."""
     import torch
 
-    os.nice(cfg.nice)
-    torch.set_num_threads(cfg.threads)
+    if cfg.nice:
+        os.nice(cfg.nice)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
 
 
-async def run(settings: Settings, cfg: LearnerConfig, stop: asyncio.Event | None = None) -> Learner:
-    """Consume the events topic from the beginning in the trainer's own group; step whenever an interval is due.
-    The step runs in a thread, so the consumer keeps its group membership while it learns."""
+async def run(settings: Settings, cfg: LearnerConfig, stop: threading.Event | None = None) -> Learner:
+    """Consume the events topic from the beginning in the trainer's own group; step whenever an interval is due,
+    until `stop` is set (from any thread). The step runs in a thread, so the consumer stays in its group."""
     from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 
     bound_cost(cfg)
@@ -244,7 +248,7 @@ async def run(settings: Settings, cfg: LearnerConfig, stop: asyncio.Event | None
     consumer.subscribe([settings.topic_events], listener=FromTheBeginning())
     await consumer.start()
     try:
-        stop = stop or asyncio.Event()
+        stop = stop or threading.Event()
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=1000, max_records=5000)
             for records in batches.values():
