@@ -201,11 +201,12 @@ def demo(
     rate: float | None = typer.Option(None, help="replay rate in events/s (default: full speed)"),
     keep_running: bool = typer.Option(False, help="after the replay, keep everything up until Ctrl-C"),
     users: int | None = typer.Option(None, help="replay only the first N MovieLens users (default: all 610)"),
+    learn: bool = typer.Option(False, help="also run the continuous trainer (interest-stream learn) on the stream"),
 ) -> None:
     """Local pipeline: broker, model (trained once), Triton twin, worker; replay MovieLens with a live view."""
     from local.demo import run_demo
 
-    run_demo(work_dir, artifacts, retrain=retrain, rate=rate, keep_running=keep_running, users=users)
+    run_demo(work_dir, artifacts, retrain=retrain, rate=rate, keep_running=keep_running, users=users, learn=learn)
 
 
 @bench.command("pipeline")
