@@ -136,6 +136,9 @@ def refit_command(
     meta = refit(checkpoint, out, serve_len=serve_len, ease_neighbours=ease_neighbours).metadata
     typer.echo(f"{out}: validation NDCG@10 {meta['knn'].get('val_ndcg10', float('nan')):.4f} served")
     typer.echo(f"test: {json.dumps({k: round(v, 4) for k, v in meta['test_metrics'].items()})}")
+    typer.echo(f"item-item scorer: {json.dumps(meta['knn'])}")
+    lengths = " ".join(f"ndcg10_len{b.replace('+', 'plus')}={v:.4f}" for b, v in meta["test_by_length"].items())
+    typer.echo(f"RESULT {lengths}")
 
 
 def explain_check_command(

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from core.encoding import PAD, EncoderConfig, Vocabulary, encode_batch
 from core.sessions import UserState
 from models.checkpoint import Checkpoint, load_checkpoint, save
-from models.coldstart import fit_short_weight
+from models.coldstart import fit_short_weight, ndcg_by_length
 from models.data import Dataset, Split, load, prefix, split
 from models.model import InterestTransformer, ModelConfig
 from models.ranking import (
@@ -375,7 +375,11 @@ def refit(path: str | Path, out: str | Path, ds: Dataset | None = None, **model_
     ds = ds or load(ckpt.metadata.get("train_config", {}).get("dataset", "movielens"))
     sp = split(ds)
     knn = fit_knn(model, ds, sp, ckpt.encoder_config) if mcfg.knn_rank > 0 else {}
+    if knn:
+        knn["short_weight"] = fit_short_weight(model, ds, sp, ckpt.encoder_config)["short_weight"]
     meta = ckpt.metadata | {"knn": knn, "test_metrics": evaluate_model(model, ds, sp, ckpt.encoder_config)}
+    scores = lambda states: score(model, states, ds.vocab, ckpt.encoder_config)  # noqa: E731
+    meta["test_by_length"] = ndcg_by_length(scores, sp.test_inputs, sp.test_targets)
     meta["refit_from"], meta["model_version"] = str(path), None
     new = Checkpoint(model, mcfg, ckpt.encoder_config, ckpt.vocab, ckpt.categories, ckpt.item_categories, meta)
     save(new, Path(out), {"loss": [], "val_ndcg10": []})
