@@ -133,13 +133,25 @@ def grow(
     return Checkpoint(model, mcfg, ckpt.encoder_config, vocab, ckpt.categories, cats, meta)
 
 
-def refit_item_item(ckpt: Checkpoint, histories: Sequence[UserState]) -> None:
-    """Refit the in-graph item-item scorer on `histories` with the lambda picked at training (in place)."""
-    from models.train import fill_item_item
+def refit_item_item(ckpt: Checkpoint, histories: Sequence[UserState]) -> Checkpoint:
+    """Refit the in-graph item-item scorer on `histories` with the lambda picked at training. EASE is exact up to
+    `knn_rank` users (a truncated SVD beyond), so the rank grows with the users, up to training's cap of 1024:
+    a copy with wider factor buffers (they are refilled here; nothing else changes). Returns the refitted one."""
+    from models.train import TrainConfig, fill_item_item
 
-    if ckpt.model_config.knn_rank > 0:
-        lam = float(ckpt.metadata.get("knn", {}).get("lam", 300.0))
-        fill_item_item(ckpt.model, list(histories), ckpt.vocab, lam)
+    cfg = ckpt.model_config
+    if cfg.knn_rank <= 0:
+        return ckpt
+    rank = min(TrainConfig.knn_rank, len(histories))
+    if rank > cfg.knn_rank:
+        mcfg = dataclasses.replace(cfg, knn_rank=rank)
+        model = InterestTransformer(mcfg).to(next(ckpt.model.parameters()).device)
+        kept = {k: v for k, v in ckpt.model.state_dict().items() if k not in ("knn_factors", "ease_out")}
+        model.load_state_dict(kept, strict=False)
+        ckpt = dataclasses.replace(ckpt, model=model.eval(), model_config=mcfg)
+    lam = float(ckpt.metadata.get("knn", {}).get("lam", 300.0))
+    fill_item_item(ckpt.model, list(histories), ckpt.vocab, lam)
+    return ckpt
 
 
 def fine_tune(ckpt: Checkpoint, histories: Sequence[UserState], cfg: LearnConfig) -> list[float]:
@@ -223,7 +235,7 @@ def learn_step(
     validation, facts: new items, losses). The serving checkpoint is never modified."""
     fit, inputs, targets = holdout(histories, holdout_from_ts)
     candidate = grow(copy_checkpoint(serving), fit, categories_of)
-    refit_item_item(candidate, fit)
+    candidate = refit_item_item(candidate, fit)
     recent = [s for s in fit if s.ts and s.ts[-1] >= recent_from_ts]
     recent.sort(key=lambda s: -s.ts[-1])
     losses = fine_tune(candidate, recent, cfg)

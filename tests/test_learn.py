@@ -71,16 +71,23 @@ def test_after_the_refit_a_new_item_is_recommended_from_its_co_occurrences(setup
     the known items that were watched with it, far above the middle of the catalogue."""
     ckpt, known, later = setup
     grown = grow(ckpt, later)
-    refit_item_item(grown, known + later)
+    rank = grown.model_config.knn_rank
+    grown = refit_item_item(grown, known + later)
+    assert grown.model_config.knn_rank == len(known + later) > rank  # exact EASE for every user seen so far
+    assert grown.model.knn_factors.shape == (len(grown.vocab), len(known + later))
     new = unseen_items(ckpt.vocab, later)
     co = cooccurring(ckpt.vocab, later, new)
     item = max(new, key=lambda i: sum(co[i].values()))
     partners = [ckpt.vocab.item(k) for k, _ in co[item].most_common(5)]
     hist = replace(known[0], items=tuple(partners), ts=known[0].ts[:5], types=known[0].types[:5],
                    values=known[0].values[:5], fps=known[0].fps[:5], starts=(0,))  # fmt: skip
-    s = scores(grown, [hist])[0]
-    rank = int((s > s[grown.vocab.index(item)]).sum())
-    assert rank < len(grown.vocab) // 10
+    ids = torch.from_numpy(encode_batch([hist], grown.vocab, grown.encoder_config)["item_ids"])
+    with torch.no_grad():
+        evidence = grown.model.knn_scores(ids)[0].numpy()  # the EASE part of the score (the Transformer is untrained)
+    evidence[grown.vocab.indices(partners)] = -np.inf  # seen
+    rank = int((evidence > evidence[grown.vocab.index(item)]).sum())
+    assert rank < len(grown.vocab) // 20
+    assert np.isfinite(scores(grown, [hist])[0][grown.vocab.index(item)])  # and the served score includes it
 
 
 def test_validation_refuses_a_worse_candidate_and_accepts_an_equal_one(setup):
