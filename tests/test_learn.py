@@ -104,6 +104,7 @@ def test_validation_refuses_a_worse_candidate_and_accepts_an_equal_one(setup):
         worse.model.knn_short_weight.fill_(0.0)
     v = validate(worse, ckpt, inputs, targets, tolerance=0.0)
     assert not v.promote and v.reason == "worse" and v.candidate_ndcg10 < v.serving_ndcg10
+    assert validate(worse, ckpt, inputs, targets, tolerance=0.0, z=1.64).reason == "worse"  # far beyond the noise
     assert validate(worse, ckpt, [], [], 0.0).reason == "no_holdout"
 
 
@@ -128,8 +129,24 @@ def test_learn_step_grows_fine_tunes_validates_and_leaves_the_serving_version_al
         torch.testing.assert_close(v, before[k])
     assert facts["new_items"] > 0 and len(facts["losses"]) == 3 and facts["recent_users"] > 0
     assert len(candidate.vocab) == len(ckpt.vocab) + facts["new_items"]
-    assert verdict.events > 0 and verdict.reason in ("better", "equal", "worse")
-    assert verdict.promote == (verdict.candidate_ndcg10 >= verdict.serving_ndcg10)
+    assert verdict.events > 0 and verdict.reason in ("better", "equal", "within_noise", "worse")
+    assert verdict.promote == (verdict.reason != "worse")
+    if verdict.reason in ("better", "equal"):
+        assert verdict.candidate_ndcg10 >= verdict.serving_ndcg10
     assert np.isclose(verdict.serving_ndcg10, ndcg10(ckpt, *holdout(histories, t_hold)[1:]))
     x = encode_batch(later[:3], candidate.vocab, candidate.encoder_config)
     assert (x["item_ids"] > 1).sum() > (encode_batch(later[:3], ckpt.vocab, ckpt.encoder_config)["item_ids"] > 1).sum()
+
+
+def test_decide_refuses_a_drop_beyond_the_noise_and_accepts_one_within_it():
+    from models.learn import decide
+
+    rng = np.random.default_rng(0)
+    noisy = rng.normal(-0.005, 0.2, 200)  # 200 events, a mean drop of ~0.005 with a standard error of ~0.014
+    assert decide(noisy, 0.0, 0.0) == (False, "worse")  # any drop
+    assert decide(noisy, 0.0, 1.64) == (True, "within_noise")
+    clear = rng.normal(-0.1, 0.2, 200)
+    assert decide(clear, 0.0, 1.64) == (False, "worse")
+    assert decide(np.zeros(5), 0.0, 1.64) == (True, "equal")
+    assert decide(np.array([0.1, 0.2]), 0.0, 1.64) == (True, "better")
+    assert decide(np.array([np.nan, 0.2]), 0.0, 1.64) == (False, "diverged")
