@@ -187,8 +187,10 @@ def run(
     results["meta"] = {"data_hash": ds.data_hash, "users": len(sp.test_inputs), "ns_users": len(sp.ns_inputs)}
     results["meta"] |= {"train_config": {**base.__dict__, "seed": list(range(seeds))}, "n_items": len(ds.vocab) - 2}
     results_path.write_text(json.dumps(results, indent=2))
-    summary = summarize(results, variants)
-    write_report(summary, results, report, length_summary(results, variants))
+    summary, lengths = summarize(results, variants), length_summary(results, variants)
+    write_report(summary, results, report, lengths)
+    if "model" in lengths:
+        log(length_result_line(lengths))
     return summary
 
 
