@@ -166,7 +166,8 @@ def learning_copy(artifacts: Path, work_dir: Path) -> Path:
 
 
 def start_learner(pipe: LocalPipeline, artifacts: Path, twin: Path, work_dir: Path, events: int):
-    """`interest-stream learn` as a child (nice 10, one thread): two steps over the replay, each loaded into Triton."""
+    """`interest-stream learn` as a child (nice 10, one thread): a step per third of the replay (it reads up to 5000
+    events between checks, so two steps at least), a promoted version loaded into Triton."""
     from local.process import Supervised, free_port
     from local.worker import settings_env
 
@@ -174,7 +175,7 @@ def start_learner(pipe: LocalPipeline, artifacts: Path, twin: Path, work_dir: Pa
     command = [
         sys.executable, "-c", "from local.cli import app; app()", "learn",
         "--checkpoint", str(artifacts.absolute() / "model"), "--repo", str(twin.with_name("model_repository")),
-        "--state-dir", str(twin.parent / "learner"), "--interval-events", str(max(1, events // 2)),
+        "--state-dir", str(twin.parent / "learner"), "--interval-events", str(max(1, events // 3)),
         "--interval-s", "0", "--steps", "50", "--triton-http", pipe.triton.http_url, "--metrics-port", str(port),
     ]  # fmt: skip
     log = work_dir.absolute() / "learner.log"
