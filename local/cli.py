@@ -146,6 +146,39 @@ def triton(
     raise typer.Exit(0 if code in (0, None) else 1)
 
 
+@app.command()
+def learn(
+    checkpoint: Path = typer.Option(Path("artifacts/model"), help="checkpoint of the newest version in --repo"),
+    repo: Path = typer.Option(Path("artifacts/model_repository"), help="production repository (twin: <repo>-twin)"),
+    state_dir: Path = typer.Option(Path("artifacts/learner"), help="checkpoints of the promoted versions"),
+    interval_events: int = typer.Option(5000, help="a learning step after this many new events ..."),
+    interval_s: float = typer.Option(600.0, help="... or this long after the last one (0: events only)"),
+    steps: int = typer.Option(100, help="fine-tuning steps per interval"),
+    cpu_budget_s: float = typer.Option(120.0, help="fine-tuning CPU seconds per interval, at most"),
+    threads: int = typer.Option(1, help="torch threads"),
+    nice: int = typer.Option(10, help="the trainer's nice increment (the workers and Triton come first)"),
+    triton_http: str = typer.Option("", help="Triton HTTP URL: load each new version (explicit model control)"),
+    metrics_port: int = typer.Option(9110, help="Prometheus metrics port"),
+    bootstrap: str | None = typer.Option(None, help="Kafka bootstrap servers (env KAFKA_BOOTSTRAP_SERVERS)"),
+) -> None:
+    """The continuous trainer: learns from the events topic, exports and loads each promoted version (issue 27)."""
+    import asyncio
+    import logging
+
+    from prometheus_client import start_http_server
+
+    from local.learner import LearnerConfig, run
+    from stream.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings(**({"kafka_bootstrap_servers": bootstrap} if bootstrap else {}))
+    cfg = LearnerConfig(checkpoint=checkpoint, repo=repo, state_dir=state_dir, interval_events=interval_events,
+                        interval_s=interval_s, steps=steps, cpu_budget_s=cpu_budget_s, threads=threads, nice=nice,
+                        triton_http=triton_http)  # fmt: skip
+    start_http_server(metrics_port)
+    asyncio.run(run(settings, cfg))
+
+
 @bench.command("ingest")
 def bench_ingest(
     events: int = typer.Option(200_000, help="Synthetic events to publish and ingest"),
@@ -168,11 +201,12 @@ def demo(
     rate: float | None = typer.Option(None, help="replay rate in events/s (default: full speed)"),
     keep_running: bool = typer.Option(False, help="after the replay, keep everything up until Ctrl-C"),
     users: int | None = typer.Option(None, help="replay only the first N MovieLens users (default: all 610)"),
+    learn: bool = typer.Option(False, help="also run the continuous trainer (interest-stream learn) on the stream"),
 ) -> None:
     """Local pipeline: broker, model (trained once), Triton twin, worker; replay MovieLens with a live view."""
     from local.demo import run_demo
 
-    run_demo(work_dir, artifacts, retrain=retrain, rate=rate, keep_running=keep_running, users=users)
+    run_demo(work_dir, artifacts, retrain=retrain, rate=rate, keep_running=keep_running, users=users, learn=learn)
 
 
 @bench.command("pipeline")

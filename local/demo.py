@@ -97,16 +97,20 @@ def run_demo(
     rate: float | None = None,
     keep_running: bool = False,
     users: int | None = None,
+    learn: bool = False,
 ) -> None:
     console = Console()
     twin = ensure_model(artifacts, retrain, console)
+    if learn:  # the trainer adds versions: serve a copy, so the cached repositories stay as exported
+        twin = learning_copy(artifacts, work_dir)
     messages = load_messages("movielens", users=users)
     counts = Counter(key.decode() for key, _ in messages.records)
     by_count = sorted(counts, key=lambda u: (counts[u], u))
     profile_users = list(dict.fromkeys([by_count[len(by_count) // 2], by_count[-len(by_count) // 10], by_count[-1]]))
     console.print(f"starting broker, Triton ({twin}) and worker in {work_dir} ...")
-    with LocalPipeline(work_dir, repo=twin) as pipe:
+    with LocalPipeline(work_dir, repo=twin, model_control="explicit" if learn else "none") as pipe:
         console.print(f"metrics  {pipe.metrics_url}\nhttp     {pipe.web_url}/users/<user_id>/interest")
+        trainer = start_learner(pipe, artifacts, twin, work_dir, len(messages.records)) if learn else None
         result: list[ReplayResult] = []
         sender = threading.Thread(
             target=lambda: result.append(run_sync(publish(pipe.settings, messages, rate=rate, progress=False))),
@@ -132,6 +136,8 @@ def run_demo(
             f"event->output p50 {_ms(histogram_quantile(0.5, prev.latency_buckets))}, "
             f"p99 {_ms(histogram_quantile(0.99, prev.latency_buckets))}"
         )
+        if trainer is not None:
+            wait_for_learning(console, pipe, *trainer)
         print_profiles(console, pipe.web_url, profile_users)
         console.print(
             f"output topic: interest-stream tail --topic {pipe.settings.topic_output} --from-beginning "
@@ -146,3 +152,67 @@ def run_demo(
                 pass
         console.print("stopping worker, Triton and broker ...")
     console.print("stopped.")
+
+
+def learning_copy(artifacts: Path, work_dir: Path) -> Path:
+    """A fresh copy of the exported repositories (production and twin) for the trainer to add versions to."""
+    import shutil
+
+    dest = work_dir.absolute() / "learn"
+    shutil.rmtree(dest, ignore_errors=True)
+    for name in ("model_repository", "model_repository-twin"):
+        shutil.copytree(artifacts / name, dest / name)
+    return dest / "model_repository-twin"
+
+
+def start_learner(pipe: LocalPipeline, artifacts: Path, twin: Path, work_dir: Path, events: int):
+    """`interest-stream learn` as a child (nice 10, one thread): a step per third of the replay (it reads up to 5000
+    events between checks, so two steps at least), a promoted version loaded into Triton."""
+    from local.process import Supervised, free_port
+    from local.worker import settings_env
+
+    port = free_port()
+    command = [
+        sys.executable, "-c", "from local.cli import app; app()", "learn",
+        "--checkpoint", str(artifacts.absolute() / "model"), "--repo", str(twin.with_name("model_repository")),
+        "--state-dir", str(twin.parent / "learner"), "--interval-events", str(max(1, events // 3)),
+        "--interval-s", "0", "--steps", "50", "--triton-http", pipe.triton.http_url, "--metrics-port", str(port),
+    ]  # fmt: skip
+    log = work_dir.absolute() / "learner.log"
+    proc = Supervised("learner", command, log, env=settings_env(pipe.settings), die_with_parent=True).start()
+    return proc, f"http://127.0.0.1:{port}/metrics"
+
+
+def wait_for_learning(console: Console, pipe: LocalPipeline, proc, metrics_url: str, timeout_s: float = 900.0) -> None:
+    """Until the trainer has made its two steps (or `timeout_s`); then what it did and the version served."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples(url: str) -> dict[tuple[str, tuple], float]:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return {}
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}  # fmt: skip
+
+    console.print(f"waiting for the trainer's steps (interest-stream learn, log: {proc.log_path}) ...")
+    deadline, steps = time.monotonic() + timeout_s, 0.0
+    while time.monotonic() < deadline:
+        proc.check_alive()
+        steps = samples(metrics_url).get(("interest_learner_step_cpu_seconds_count", ()), 0.0)
+        if steps >= 2:
+            break
+        time.sleep(2.0)
+    m = samples(metrics_url)
+    refused = {dict(k[1])["reason"]: v for k, v in m.items() if k[0] == "interest_learner_candidates_refused_total"}
+    served = [dict(k[1])["version"] for k, v in samples(pipe.metrics_url).items()
+              if k[0] == "interest_model_version_info" and v == 1]  # fmt: skip
+    console.print(
+        f"trainer: {steps:.0f} steps, {m.get(('interest_learner_promotions_total', ()), 0):.0f} promoted, "
+        f"refused {refused or 0}, vocabulary {m.get(('interest_learner_vocabulary_size', ()), 0):.0f} items, "
+        f"exported version {m.get(('interest_learner_served_version', ()), 0):.0f}; the worker serves {served}"
+    )
+    proc.stop()

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from local import longpoll
 from local.broker import LocalBroker, ensure_topics
@@ -134,6 +134,7 @@ class LocalPipeline:
         fresh: bool = True,
         ready_timeout_s: float = 180.0,
         start_workers: bool = True,
+        model_control: Literal["none", "explicit"] = "none",
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -147,6 +148,7 @@ class LocalPipeline:
         self.fresh = fresh
         self.ready_timeout_s = ready_timeout_s
         self.start_workers_at_start = start_workers
+        self.model_control = model_control  # "explicit": new versions are served once loaded (demo --learn)
         self.broker: LocalBroker | None = None
         self.triton: LocalTriton | None = None
         self.workers: list[WorkerProcess] = []
@@ -201,7 +203,11 @@ class LocalPipeline:
             **self.overrides,
         }
         if self.repo is not None:
-            self.triton = LocalTriton(self.repo, log_file=self.work_dir / "tritonserver.log").start()
+            self.triton = LocalTriton(
+                self.repo,
+                log_file=self.work_dir / "tritonserver.log",
+                model_control=self.model_control,
+            ).start()
             fields |= {"triton_url": self.triton.grpc_url, "model_dir": self.repo / "interest_transformer"}
         else:
             fields["triton_url"] = ""

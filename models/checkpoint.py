@@ -45,7 +45,7 @@ def save(ckpt: Checkpoint, out: Path, history: dict[str, list[float]]) -> None:
 
 
 #: Parameters added after checkpoints were first saved; their zero init is exactly the model without them.
-NEWER_PARAMETERS = {"scenario_emb.weight", "target_emb.weight"}
+NEWER_PARAMETERS = {"scenario_emb.weight", "target_emb.weight", "knn_short_weight"}
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:

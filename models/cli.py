@@ -15,6 +15,7 @@ def register(app: typer.Typer) -> None:
     app.command("refit")(refit_command)
     app.command("explain-check")(explain_check_command)
     app.command("eval-scenarios")(eval_scenarios_command)
+    app.command("eval-stream")(eval_stream_command)
 
 
 def train_command(
@@ -135,6 +136,9 @@ def refit_command(
     meta = refit(checkpoint, out, serve_len=serve_len, ease_neighbours=ease_neighbours).metadata
     typer.echo(f"{out}: validation NDCG@10 {meta['knn'].get('val_ndcg10', float('nan')):.4f} served")
     typer.echo(f"test: {json.dumps({k: round(v, 4) for k, v in meta['test_metrics'].items()})}")
+    typer.echo(f"item-item scorer: {json.dumps(meta['knn'])}")
+    lengths = " ".join(f"ndcg10_len{b.replace('+', 'plus')}={v:.4f}" for b, v in meta["test_by_length"].items())
+    typer.echo(f"RESULT {lengths}")
 
 
 def explain_check_command(
@@ -169,3 +173,23 @@ def eval_scenarios_command(
         f"recall20_wrong={r.recall20_wrong:.4f} planted_share_asked={r.planted_share_asked:.3f} "
         f"planted_share_general={r.planted_share_general:.3f} users={r.users}"
     )
+
+
+def eval_stream_command(
+    out: Path = typer.Option(Path("artifacts/eval-stream"), help="results.json, the plot, the model before T (reused)"),
+    cut: float = typer.Option(0.8, help="share of events (by time) before T; the rest is streamed"),
+    updates: int = typer.Option(10, help="trainer intervals over the stream (equal event counts)"),
+    steps: int = typer.Option(100, help="fine-tuning steps per update"),
+    max_eval_events: int = typer.Option(0, help="> 0: score an evenly spaced subsample of the streamed events"),
+    max_epochs: int = typer.Option(40, help="training before T"),
+    max_minutes: float = typer.Option(8.0, help="training before T: wall-clock cap"),
+    seed: int = typer.Option(0),
+) -> None:
+    """MovieLens replayed in time order: frozen vs continuously updated model vs refitted EASE vs popularity."""
+    from models.stream_eval import StreamEvalConfig, result_line, run
+
+    cfg = StreamEvalConfig(cut=cut, updates=updates, steps=steps, max_eval_events=max_eval_events)
+    cfg.max_epochs, cfg.max_minutes, cfg.seed = max_epochs, max_minutes, seed
+    summary = run(cfg, out, log=typer.echo)
+    typer.echo(f"results: {out / 'results.json'}, plot: {out / 'ndcg_over_time.png'}")
+    typer.echo(result_line(summary))

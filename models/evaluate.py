@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from models.baselines import Ease, ItemKNN, KnnPopularity, Popularity, genre_baselines
+from models.coldstart import LENGTHS, bucket_name, ndcg_by_length
 from models.data import Dataset, Split, load, session_validation, split
 from models.ranking import (
     category_ndcg,
@@ -64,27 +65,44 @@ EASE_LAMBDAS = (30.0, 100.0, 300.0, 1000.0)
 POPULARITY_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
 
 
-def baseline_metrics(model, ds: Dataset, sp: Split) -> dict[str, float]:
+def _filtered(model, ds: Dataset):
+    """A baseline's scores with the seen items at -inf, as a function of the input states."""
+
     def filtered(states):
         s = model.scores(states, ds.vocab)
         s[seen_mask(states, ds.vocab)] = -np.inf
         return s
 
+    return filtered
+
+
+def baseline_metrics(model, ds: Dataset, sp: Split) -> dict[str, float]:
+    filtered = _filtered(model, ds)
     m = next_item_metrics(filtered(sp.test_inputs), sp.test_targets, 10)
     ns = next_session_metrics(filtered(sp.ns_inputs), sp.ns_targets, 20)
     return {**m, "ns_recall20": ns["recall20"], "ns_ndcg20": ns["ndcg20"]}
 
 
+def baseline_by_length(model, ds: Dataset, sp: Split) -> dict[str, float]:
+    """NDCG@10 per history length (models.coldstart) for a baseline."""
+    return ndcg_by_length(_filtered(model, ds), sp.test_inputs, sp.test_targets)
+
+
 def run_baselines(ds: Dataset, sp: Split) -> dict[str, dict]:
-    out = {"popularity": {"metrics": baseline_metrics(Popularity(sp.train, ds.vocab), ds, sp)}}
+    pop = Popularity(sp.train, ds.vocab)
+    out = {"popularity": {"metrics": baseline_metrics(pop, ds, sp), "by_length": baseline_by_length(pop, ds, sp)}}
     best = max(KNN_DECAYS, key=lambda d: _val_ndcg(ItemKNN(sp.train, ds.vocab, d), ds, sp))  # tuned on validation
-    out["item_knn"] = {"metrics": baseline_metrics(ItemKNN(sp.train, ds.vocab, best), ds, sp), "decay": best}
+    knn = ItemKNN(sp.train, ds.vocab, best)
+    out["item_knn"] = {"metrics": baseline_metrics(knn, ds, sp), "decay": best}
+    out["item_knn"]["by_length"] = baseline_by_length(knn, ds, sp)
     lam, decay = tune_ease(ds, sp)
     ease = Ease(sp.train, ds.vocab, lam, decay)
     out["ease"] = {"metrics": baseline_metrics(ease, ds, sp), "lam": lam, "decay": decay}
+    out["ease"]["by_length"] = baseline_by_length(ease, ds, sp)
     decay, weight = tune_knn_popularity(ds)
     hybrid = KnnPopularity(sp.train, ds.vocab, decay, weight)
     out["knn_popularity"] = {"metrics": baseline_metrics(hybrid, ds, sp), "decay": decay, "weight": weight}
+    out["knn_popularity"]["by_length"] = baseline_by_length(hybrid, ds, sp)
     rel = category_relevance(ds.item_categories, sp.ns_targets)
     for name, scores in genre_baselines(sp.train, sp.ns_inputs, ds.vocab, ds.item_categories).items():
         out[name] = {"metrics": {"cat_ndcg5": category_ndcg(scores, rel, 5), "cat_overlap3": category_overlap(scores)}}
@@ -117,6 +135,13 @@ def tune_knn_popularity(ds: Dataset) -> tuple[float, float]:
     return max(recall, key=recall.get)
 
 
+def model_scorer(ckpt):
+    """A checkpoint's filtered next-item scores as a function of the input states (as `_filtered` for baselines)."""
+    from models.train import score
+
+    return lambda states: score(ckpt.model, states, ckpt.vocab, ckpt.encoder_config)
+
+
 def _val_ndcg(model, ds: Dataset, sp: Split) -> float:
     s = model.scores(sp.val_inputs, ds.vocab)
     s[seen_mask(sp.val_inputs, ds.vocab)] = -np.inf
@@ -139,7 +164,8 @@ def run(
     sp = split(ds)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    results.setdefault("baselines", run_baselines(ds, sp))
+    if not all("by_length" in results.get("baselines", {}).get(b, {}) for b in ("popularity", "ease")):
+        results["baselines"] = run_baselines(ds, sp)  # results of before the length buckets: recomputed
     runs = results.setdefault("runs", {})
     base = TrainConfig(max_epochs=max_epochs, max_minutes=max_minutes)
     for seed in range(seeds):
@@ -148,19 +174,23 @@ def run(
             if key in runs:  # resumable: finished runs are kept
                 continue
             t0 = time.monotonic()
-            ckpt, _ = train(replace(base, seed=seed, **VARIANTS[name]), ds, sp, quiet=True)
+            cfg = replace(base, seed=seed, **VARIANTS[name])
+            ckpt, _ = train(cfg, ds, sp, out=out / f"{name}-{seed}", quiet=True)  # kept for post-hoc analyses
             meta = ckpt.metadata
             runs[key] = {"metrics": meta["test_metrics"], "epochs": meta["epochs"], "knn": meta.get("knn")}
             if "test_metrics_alone" in meta:
                 runs[key]["alone"] = meta["test_metrics_alone"]
+            runs[key]["by_length"] = ndcg_by_length(model_scorer(ckpt), sp.test_inputs, sp.test_targets)
             runs[key]["seconds"] = round(time.monotonic() - t0, 1)
             results_path.write_text(json.dumps(results, indent=2))
             log(f"{key}: {json.dumps(runs[key])}")
     results["meta"] = {"data_hash": ds.data_hash, "users": len(sp.test_inputs), "ns_users": len(sp.ns_inputs)}
     results["meta"] |= {"train_config": {**base.__dict__, "seed": list(range(seeds))}, "n_items": len(ds.vocab) - 2}
     results_path.write_text(json.dumps(results, indent=2))
-    summary = summarize(results, variants)
-    write_report(summary, results, report)
+    summary, lengths = summarize(results, variants), length_summary(results, variants)
+    write_report(summary, results, report, lengths)
+    if "model" in lengths:
+        log(length_result_line(lengths))
     return summary
 
 
@@ -181,6 +211,33 @@ def summarize(results: dict, variants) -> dict[str, dict[str, tuple[float, float
             if name in ALONE and all("alone" in r for r in runs):
                 summary[ALONE[name]] = _mean_std([r["alone"] for r in runs])
     return summary
+
+
+#: The cold-start target compares the model with these, per history length (the issue names popularity and EASE).
+LENGTH_BASELINES = ("popularity", "ease")
+
+
+def length_summary(results: dict, variants) -> dict[str, dict[str, tuple[float, float]]]:
+    """name -> history-length bucket -> (mean, std over seeds) of NDCG@10, for every row that has buckets."""
+    out = {name: {k: (v, 0.0) for k, v in b["by_length"].items()} for name, b in results["baselines"].items()
+           if "by_length" in b}  # fmt: skip
+    for name in variants:
+        runs = [r["by_length"] for k, r in results["runs"].items() if k.split("/")[0] == name and "by_length" in r]
+        if runs:
+            out[name] = {b: (float(np.mean([r[b] for r in runs])), float(np.std([r[b] for r in runs])))
+                         for b in runs[0]}  # fmt: skip
+    return out
+
+
+def length_result_line(lengths: dict) -> str:
+    """RESULT with the model's NDCG@10 and the best of LENGTH_BASELINES' at every history length."""
+    parts = []
+    for k in LENGTHS:
+        b = bucket_name(k)
+        best = max(LENGTH_BASELINES, key=lambda n: lengths[n][b][0])
+        key = b.replace("+", "plus")
+        parts += [f"ndcg10_len{key}={lengths['model'][b][0]:.4f}", f"best_baseline_len{key}={lengths[best][b][0]:.4f}"]
+    return "RESULT " + " ".join(parts)
 
 
 def summary_lines(summary) -> list[str]:
@@ -212,7 +269,24 @@ def result_line(summary) -> str:
     return line
 
 
-def write_report(summary, results: dict, report: Path) -> None:
+def length_table(lengths: dict) -> list[str]:
+    """The cold-start section of the report: NDCG@10 by history length, one row per scorer."""
+    buckets = [bucket_name(k) for k in LENGTHS]
+    lines = [
+        "## Cold start: next-item NDCG@10 by history length",
+        "",
+        "Each test user's input cut to its newest k events (the target unchanged, the seen filter over those k "
+        "only); `20+` = the full input of users with at least 20 events before the target (models/coldstart.py).",
+        "",
+        "| variant | " + " | ".join(f"{b} events" for b in buckets) + " |",
+        "|---|" + "---|" * len(buckets),
+    ]
+    for name, row in lengths.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[b][0]:.4f} ± {row[b][1]:.4f}" for b in buckets) + " |")
+    return lines
+
+
+def write_report(summary, results: dict, report: Path, lengths: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,6 +337,8 @@ def write_report(summary, results: dict, report: Path) -> None:
             ratios.append(f"NDCG@10 model / SASRec = {m['ndcg10'] / summary['sasrec']['ndcg10'][0]:.2f}")
         lines += ["", "Ratios: " + "; ".join(ratios) + ".", "", "Closing note, the RESULT line of this run:", ""]
         lines += ["    " + result_line(summary)]
+    if lengths and "model" in lengths:
+        lines += ["", *length_table(lengths), "", "    " + length_result_line(lengths)]
     lines += ["", f"![results]({report.with_suffix('.png').name})", ""]
     report.write_text("\n".join(lines))
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))

@@ -36,6 +36,7 @@ from google.protobuf import text_format
 from torch import Tensor, nn
 from tritonclient.grpc import model_config_pb2 as mc
 
+from core.bundle import bundle_hash
 from core.encoding import INPUT_NAMES, PAD, EncoderConfig, Vocabulary, example_inputs
 
 MODEL_NAME = "interest_transformer"
@@ -239,6 +240,7 @@ def export_repository(
     preferred_batch_sizes: tuple[int, ...] = (128, 512, 1024),
     max_queue_delay_us: int = 2000,
     twin_threads: int = 0,
+    overwrite: bool = True,
 ) -> ExportResult:
     """Write version `version` of the model into the production repository at `out` and the CPU twin at `twin`
     (default `<out>-twin`).
@@ -247,6 +249,8 @@ def export_repository(
     version's own directory is replaced. A model directory without other versions is written afresh (config
     included); with other versions the new one must declare the same interface as the config they share, which
     is kept (ValueError otherwise). The top-level vocab/categories/metadata copies follow the newest version.
+    `overwrite=False` (the continuous trainer, `interest-stream learn`): a version directory that exists already
+    is never rewritten (FileExistsError), as a worker may be serving it.
     """
     if version < 1:
         raise ValueError(f"version {version}: Triton versions are positive integers")
@@ -267,6 +271,8 @@ def export_repository(
     prod_model, twin_model = out / spec.name, twin / spec.name
     configs = {prod_model: spec.config("production"), twin_model: spec.config("twin", twin_threads)}
     others = {d: [v for v in version_dirs(d) if v != version] for d in configs}
+    if not overwrite and any(version in version_dirs(d) for d in configs):
+        raise FileExistsError(f"version {version} exists in {prod_model} or {twin_model}: versions are immutable")
     for d, config in configs.items():
         if others[d]:
             _check_same_interface(read_config(d / "config.pbtxt"), config, d, version)
@@ -282,12 +288,14 @@ def export_repository(
     (twin_model / vdir / "model.py").write_text(resources.files("models").joinpath("triton_twin.py").read_text())
 
     meta = _metadata(ckpt, spec, onnx_path, filter_seen, version)
+    vocab_json, categories_json = ckpt.vocab.to_json(), json.dumps(list(ckpt.categories))
+    meta["bundle_sha256"] = bundle_hash(vocab_json.encode(), categories_json.encode(), meta["onnx_sha256"])
     for d, kind in ((prod_model, "production"), (twin_model, "twin")):
         if not others[d]:
             (d / "config.pbtxt").write_text(text_format.MessageToString(configs[d]))
         bundle = {
-            "vocab.json": ckpt.vocab.to_json(),
-            "categories.json": json.dumps(list(ckpt.categories)),
+            "vocab.json": vocab_json,
+            "categories.json": categories_json,
             "metadata.json": json.dumps({**meta, "repository": kind}, indent=2, default=str),
         }
         newest = version >= max(others[d], default=0)

@@ -194,6 +194,9 @@ class InterestTransformer(nn.Module):
         self.register_buffer("knn_factors", torch.zeros(cfg.n_items, cfg.knn_rank))
         self.register_buffer("knn_decay", torch.tensor(0.8))
         self.register_buffer("knn_weight", torch.tensor(0.0))
+        # Short histories lean more on the item-item evidence: weight knn_weight + knn_short_weight / (events read),
+        # picked on validation histories cut to a few events (models.coldstart; 0 = one weight for every length).
+        self.register_buffer("knn_short_weight", torch.tensor(0.0))
         if cfg.history_scorer == "ease":  # EASE: knn_factors holds X^T, these the rest (models.baselines.ease_factors)
             self.register_buffer("ease_out", torch.zeros(cfg.n_items, cfg.knn_rank))
             self.register_buffer("ease_self", torch.zeros(cfg.n_items))
@@ -359,7 +362,8 @@ class InterestTransformer(nn.Module):
         """The part of `item_scores` that depends on the history alone (knn_weight * item-item evidence, PAD and
         OOV -inf): computed once when several interests of one history are scored."""
         if self.cfg.knn_rank > 0:
-            return self.item_mask + self.knn_weight * self.knn_scores(item_ids)
+            n = (self.window(item_ids)[0] != PAD).sum(1, keepdim=True).clamp(min=1).to(self.knn_weight.dtype)
+            return self.item_mask + (self.knn_weight + self.knn_short_weight / n) * self.knn_scores(item_ids)
         return self.item_mask.expand(item_ids.shape[0], -1)
 
     def history_genre_shares(self, item_ids: Tensor) -> Tensor:

@@ -33,6 +33,11 @@ def _ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(t[:, 0]), rank, np.inf)
 
 
+def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Each row's 0-based target rank (ties half, inf when filtered): per-event metrics (models.stream_eval)."""
+    return _ranks(scores, targets)
+
+
 def next_item_metrics(scores: np.ndarray, targets: np.ndarray, k: int = 10) -> dict[str, float]:
     """NDCG@k, Recall@k (= HR@k, one target) and MRR; `scores` already filtered (-inf)."""
     r = _ranks(scores, targets)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from core.encoding import PAD, EncoderConfig, Vocabulary, encode_batch
 from core.sessions import UserState
 from models.checkpoint import Checkpoint, load_checkpoint, save
+from models.coldstart import fit_short_weight, ndcg_by_length
 from models.data import Dataset, Split, load, prefix, split
 from models.model import InterestTransformer, ModelConfig
 from models.ranking import (
@@ -280,13 +281,17 @@ def train(
     model.load_state_dict(best_state)
     model.eval()
     knn = fit_knn(model, ds, sp, enc) if cfg.knn_rank > 0 else {}
+    if knn:  # short histories: more weight on the item-item evidence, picked on validation (models.coldstart)
+        knn["short_weight"] = fit_short_weight(model, ds, sp, enc)["short_weight"]
     metrics = evaluate_model(model, ds, sp, enc)
     alone = {}
     if cfg.knn_rank > 0:  # the ablation without the kNN scorer, from the same weights
-        w = model.knn_weight.item()
+        w, short = model.knn_weight.item(), model.knn_short_weight.item()
         model.knn_weight.fill_(0.0)
+        model.knn_short_weight.fill_(0.0)
         alone = {"test_metrics_alone": evaluate_model(model, ds, sp, enc)}
         model.knn_weight.fill_(w)
+        model.knn_short_weight.fill_(short)
     meta = {
         "dataset": ds.name,
         "data_hash": ds.data_hash,
@@ -312,33 +317,37 @@ EASE_LAMBDAS = (100.0, 300.0, 1000.0)
 
 
 @torch.no_grad()
+def fill_item_item(model: InterestTransformer, histories: list[UserState], vocab: Vocabulary, lam: float) -> None:
+    """The in-graph item-item scorer's buffers from `histories` (kNN factors, or EASE's with regularization `lam`
+    and, when served sparse, its top-N neighbour rows); decay and weight are left as they are. Also how the
+    continuous learner (models.learn) refits EASE on the stream with the lambda picked at training."""
+    from models.baselines import ease_factors, ease_neighbours, knn_factors
+
+    if model.cfg.history_scorer != "ease":
+        model.knn_factors.copy_(torch.from_numpy(knn_factors(histories, vocab, model.cfg.knn_rank)))
+        return
+    factors = ease_factors(histories, vocab, lam, model.cfg.knn_rank)
+    for buf, v in zip(("knn_factors", "ease_out", "ease_self"), factors, strict=True):
+        getattr(model, buf).copy_(torch.from_numpy(v))
+    if n := model.cfg.ease_neighbours:  # what is served: validation grids score with these
+        cols, weights = ease_neighbours(*factors, n)
+        model.neighbour_items.copy_(torch.from_numpy(cols))
+        model.neighbour_weights.copy_(torch.from_numpy(weights))
+
+
+@torch.no_grad()
 def fit_knn(model: InterestTransformer, ds: Dataset, sp: Split, enc: EncoderConfig) -> dict[str, float]:
     """Fill the in-graph item-item scorer from the training histories (kNN similarity factors, or EASE's for each
     of EASE_LAMBDAS), then pick its recency decay, mixing weight (and EASE's lambda) by grid search on the
     VALIDATION targets (NDCG@10). Weight 0 = the Transformer alone."""
-    from models.baselines import ease_factors, ease_neighbours, knn_factors
-
     device = next(model.parameters()).device
     x = to_tensors(sp.val_inputs, ds.vocab, enc, device)
     seen = torch.from_numpy(seen_mask(sp.val_inputs, ds.vocab)).to(device)
     base = model.item_logits(model(**x)).masked_fill(seen, float("-inf"))
     ease = model.cfg.history_scorer == "ease"
-
-    def fill(lam: float) -> None:
-        if not ease:
-            model.knn_factors.copy_(torch.from_numpy(knn_factors(sp.train, ds.vocab, model.cfg.knn_rank)))
-            return
-        factors = ease_factors(sp.train, ds.vocab, lam, model.cfg.knn_rank)
-        for buf, v in zip(("knn_factors", "ease_out", "ease_self"), factors, strict=True):
-            getattr(model, buf).copy_(torch.from_numpy(v))
-        if n := model.cfg.ease_neighbours:  # what is served: the grid below scores with these
-            cols, weights = ease_neighbours(*factors, n)
-            model.neighbour_items.copy_(torch.from_numpy(cols))
-            model.neighbour_weights.copy_(torch.from_numpy(weights))
-
     best = (-1.0, 0.0, 1.0, 0.0)
     for lam in EASE_LAMBDAS if ease else (0.0,):
-        fill(lam)
+        fill_item_item(model, sp.train, ds.vocab, lam)
         for decay in KNN_DECAYS:
             model.knn_decay.fill_(decay)
             knn = model.knn_scores(x["item_ids"])
@@ -346,7 +355,7 @@ def fit_knn(model: InterestTransformer, ds: Dataset, sp: Split, enc: EncoderConf
                 v = next_item_metrics((base + w * knn).cpu().numpy(), sp.val_targets, 10)["ndcg10"]
                 best = max(best, (v, w, decay, lam))
     if ease:  # the last lambda tried is not necessarily the best; kNN factors do not depend on it
-        fill(best[3])
+        fill_item_item(model, sp.train, ds.vocab, best[3])
     model.knn_weight.fill_(best[1])
     model.knn_decay.fill_(best[2])
     return {"val_ndcg10": best[0], "weight": best[1], "decay": best[2]} | ({"lam": best[3]} if ease else {})
@@ -366,7 +375,11 @@ def refit(path: str | Path, out: str | Path, ds: Dataset | None = None, **model_
     ds = ds or load(ckpt.metadata.get("train_config", {}).get("dataset", "movielens"))
     sp = split(ds)
     knn = fit_knn(model, ds, sp, ckpt.encoder_config) if mcfg.knn_rank > 0 else {}
+    if knn:
+        knn["short_weight"] = fit_short_weight(model, ds, sp, ckpt.encoder_config)["short_weight"]
     meta = ckpt.metadata | {"knn": knn, "test_metrics": evaluate_model(model, ds, sp, ckpt.encoder_config)}
+    scores = lambda states: score(model, states, ds.vocab, ckpt.encoder_config)  # noqa: E731
+    meta["test_by_length"] = ndcg_by_length(scores, sp.test_inputs, sp.test_targets)
     meta["refit_from"], meta["model_version"] = str(path), None
     new = Checkpoint(model, mcfg, ckpt.encoder_config, ckpt.vocab, ckpt.categories, ckpt.item_categories, meta)
     save(new, Path(out), {"loss": [], "val_ndcg10": []})

@@ -25,6 +25,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from tritonclient.grpc import aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from core.bundle import bundle_hash
 from core.encoding import INPUT_NAMES, EncoderConfig, Vocabulary, encode_batch, explain_sessions
 from core.schema import InterestRecord, ModelRef, ScenarioInterest, Scored, SessionWeight, encode_record
 from core.sessions import UserState
@@ -79,11 +80,14 @@ class ModelBundle:
         written_for = md.get("triton_version")
         if version is not None and written_for is not None and str(written_for) != version:
             raise ValueError(f"{where / 'metadata.json'} was written for version {written_for}, not {version}")
+        vocab, categories = (where / "vocab.json").read_bytes(), (where / "categories.json").read_bytes()
+        if "bundle_sha256" in md and bundle_hash(vocab, categories, md["onnx_sha256"]) != md["bundle_sha256"]:
+            raise ValueError(f"{where}: vocab.json / categories.json do not match the bundle_sha256 of metadata.json")
         return cls(
             name=md["model_name"],
             version=str(md["model_version"]),
-            vocab=Vocabulary.from_json((where / "vocab.json").read_text()),
-            categories=list(json.loads((where / "categories.json").read_text())),
+            vocab=Vocabulary.from_json(vocab),
+            categories=list(json.loads(categories)),
             encoder=EncoderConfig.from_dict(md["encoder_config"]),
             metadata=md,
         )

@@ -50,14 +50,15 @@ TRITON_METRICS = frozenset(
 PROMETHEUS_SYNTHETIC = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped", "ALERTS"})
 
 
-def worker_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
-    """Every metric declared in stream/metrics.py: exposed family name -> (type, label names).
-
-    The exposed name is what a scrape shows: counters get `_total`, info metrics `_info`.
+def worker_metrics(module_name: str = "stream.metrics") -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Every metric declared in stream/metrics.py (or another module: the trainer's, local.learner): exposed family
+    name -> (type, label names). The exposed name is what a scrape shows: counters get `_total`, info `_info`.
     """
+    import importlib
+
     from prometheus_client.metrics import MetricWrapperBase
 
-    import stream.metrics as module
+    module = importlib.import_module(module_name)
 
     found: dict[str, tuple[str, tuple[str, ...]]] = {}
     for value in vars(module).values():
@@ -71,8 +72,13 @@ def worker_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
 
 def worker_series_names() -> set[str]:
     """Names of the series the worker exports (histograms as _bucket/_sum/_count, counters as _total)."""
+    return series_names("stream.metrics")
+
+
+def series_names(module_name: str) -> set[str]:
+    """Names of the series a module's metrics export (histograms as _bucket/_sum/_count, counters as _total)."""
     names: set[str] = set()
-    for name, (kind, _labels) in worker_metrics().items():
+    for name, (kind, _labels) in worker_metrics(module_name).items():
         if kind == "histogram":
             names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
         else:

@@ -32,6 +32,7 @@ from tests.deploy_tools import (
     TRITON_METRICS,
     label_matchers,
     promql_metric_names,
+    series_names,
     worker_metrics,
     worker_series_names,
 )
@@ -101,11 +102,12 @@ def test_prometheus_config_can_point_at_local_ports(tmp_path: Path) -> None:
     (tmp_path / "targets").mkdir()
     (tmp_path / "targets" / "workers.yml").write_text("- targets: ['127.0.0.1:19108']\n")
     (tmp_path / "targets" / "triton.yml").write_text("- targets: ['127.0.0.1:18002']\n")
+    (tmp_path / "targets" / "learner.yml").write_text("- targets: ['127.0.0.1:19110']\n")
     result = run(tool("promtool"), "check", "config", "prometheus.yml", cwd=tmp_path)
     assert "2 rule files found" in result.stdout
     config = yaml.safe_load((tmp_path / "prometheus.yml").read_text())
     files = {f for job in config["scrape_configs"] for sd in job.get("file_sd_configs", []) for f in sd["files"]}
-    assert files == {"targets/workers.yml", "targets/triton.yml"}
+    assert files == {"targets/workers.yml", "targets/triton.yml", "targets/learner.yml"}
     assert {p.name for p in (PROM / "targets").iterdir()} == {Path(f).name for f in files}
 
 
@@ -221,7 +223,8 @@ def all_exprs() -> dict[str, list[str]]:
 
 
 def test_every_promql_metric_is_exported() -> None:
-    known = worker_series_names() | TRITON_METRICS | PROMETHEUS_SYNTHETIC | recording_names()
+    known = worker_series_names() | series_names("local.learner") | TRITON_METRICS | PROMETHEUS_SYNTHETIC
+    known |= recording_names()
     unknown: dict[str, set[str]] = {}
     used: set[str] = set()
     for source, exprs in all_exprs().items():

@@ -221,7 +221,8 @@ def test_train_save_load_roundtrip(movielens, tmp_path):
     for name in ("checkpoint.pt", "vocab.json", "categories.json", "metrics.json", "train_curve.png"):
         assert (tmp_path / name).stat().st_size > 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["data_hash"] == ds.data_hash and set(metrics["knn"]) == {"val_ndcg10", "weight", "decay", "lam"}
+    assert metrics["data_hash"] == ds.data_hash
+    assert set(metrics["knn"]) == {"val_ndcg10", "weight", "decay", "lam", "short_weight"}
     assert 0 <= metrics["test_metrics"]["cat_ndcg5"] <= 1 and "test_metrics_alone" in metrics
     assert ckpt.model.knn_factors.max() > 0 and ckpt.model.item_categories.sum() > 0  # filled, and saved with it
     loaded = load_checkpoint(tmp_path)
@@ -238,6 +239,7 @@ def test_train_save_load_roundtrip(movielens, tmp_path):
     again = load_checkpoint(tmp_path / "refit")
     assert (again.model_config.serve_len, again.model_config.ease_neighbours) == (8, 5)
     assert again.model.neighbour_weights.abs().sum() > 0 and "ndcg10" in again.metadata["test_metrics"]
+    assert set(again.metadata["test_by_length"]) == {"1", "2", "3", "5", "10", "20+"}
     torch.testing.assert_close(again.model.item_emb.weight, ckpt.model.item_emb.weight)
 
 
