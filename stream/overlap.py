@@ -129,13 +129,12 @@ class Overlap:
             self.step.count(prepared.users)
             as_prepared = True
         except Fenced:
+            await discard(inference)
             abandon(ev.message for ev in batch)
             self.draining = True
             return False
         except Exception as exc:
-            if inference is not None:  # its result (or failure) is of no use now
-                inference.cancel()
-                await asyncio.gather(inference, return_exceptions=True)
+            await discard(inference)
             if not isinstance(exc, NeedsSerial):
                 log.warning("a batch failed in flight (%r): redone serially", exc)
             self.draining = True
@@ -174,3 +173,10 @@ async def settle(dead: DeadLetters) -> None:
         await dead.flush()
     except Exception:
         log.warning("a dead-letter send failed; the serial run sends it again", exc_info=True)
+
+
+async def discard(inference: asyncio.Task[Inferred] | None) -> None:
+    """An inference whose result (or failure) is of no use now: cancelled, and its outcome collected."""
+    if inference is not None:
+        inference.cancel()
+        await asyncio.gather(inference, return_exceptions=True)
