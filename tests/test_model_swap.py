@@ -458,14 +458,15 @@ def test_with_only_a_refused_version_served_the_worker_waits_and_publishes_nothi
         wait_for(lambda: "is refused (3)" in " ".join(health()["problems"]), 30, "/health to name the refusal")
         assert health()["status"] == "degraded"
         held = worker.metric("interest_outputs_published_total")
-        folded = worker.metric("interest_events_consumed_total")
+        read = worker.metric("interest_messages_read_total")
         send(settings, during, rate=None)
 
         def stalled_at_inference() -> bool:
-            """What would have come with a record: a batch of the new events folded (the step's last move before
-            inference) and in flight longer than HEALTH_STALL_S (1 s), where inference takes milliseconds."""
+            """What would have come with a record: a batch of the new events read by the step (events are counted
+            as consumed only once their batch is done) and in flight longer than HEALTH_STALL_S (1 s), where
+            inference takes milliseconds."""
             in_flight = any(p.startswith("a batch in flight") for p in health()["problems"])
-            return in_flight and worker.metric("interest_events_consumed_total") > folded
+            return in_flight and worker.metric("interest_messages_read_total") > read
 
         wait_for(stalled_at_inference, 60, "a batch of the new events to stall at inference")
         assert worker.metric("interest_outputs_published_total") == held, "no record without a usable version"
