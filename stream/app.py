@@ -33,6 +33,7 @@ from stream.continuity import BrokerReader, Continuity
 from stream.fencing import for_app
 from stream.inference import InterestModel
 from stream.overlap import Overlap
+from stream.sending import DirectTopic
 from stream.settings import Settings
 from stream.step import BatchStep
 from stream.tables import TABLE, UserTable
@@ -77,8 +78,9 @@ def create_app(settings: Settings, *, on_stage: Callable[[str, int], None] | Non
     model = InterestModel(settings) if settings.triton_url else None
     if model is None:
         log.warning("TRITON_URL is empty: ingest only (state is kept, no interest is published)")
-    table = UserTable(users, on_stage=lambda point: step.stage(point))
-    step = BatchStep(settings, table, dlq_topic, output_topic, model, on_stage=on_stage, fence=for_app(app).check)
+    table = UserTable(users, changelog=DirectTopic(users.changelog_topic), on_stage=lambda point: step.stage(point))
+    output = DirectTopic(output_topic)
+    step = BatchStep(settings, table, dlq_topic, output, model, on_stage=on_stage, fence=for_app(app).check)
 
     # One actor for all partitions. Faust's isolated_partitions (one actor per partition) lost updates in our crash
     # loop (tests/test_pipeline.py): after a restart a partition's events reached its actor out of offset order.

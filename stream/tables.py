@@ -84,8 +84,17 @@ class UserTable:
     """The Faust table `user_state`, read and written by partition (passed in, never taken from Faust's current
     event). `on_stage("after_changelog")` runs between the changelog acks and the RocksDB write (fault tests)."""
 
-    def __init__(self, table: faust.Table, *, on_stage: Callable[[str], None] = lambda point: None) -> None:
+    def __init__(
+        self,
+        table: faust.Table,
+        *,
+        changelog: Any = None,
+        on_stage: Callable[[str], None] = lambda point: None,
+    ) -> None:
+        """`changelog`: what sends to the table's changelog topic (`stream.sending.DirectTopic` in the worker;
+        the table's own `changelog_topic` when None)."""
         self.table, self.on_stage = table, on_stage
+        self.changelog = table.changelog_topic if changelog is None else changelog
 
     def _db(self, partition: int) -> Any:
         return self.table.data._db_for_partition(partition)  # type: ignore[attr-defined]
@@ -102,27 +111,19 @@ class UserTable:
         partition. Nothing is written locally when a send fails (the step is retried)."""
         if not writes:
             return
-        topic = self.table.changelog_topic
-        sent = [
-            await topic.send(
-                key=w.key,
-                value=None if w.value is None else encode_value(w.value),
-                partition=w.partition,
-                key_serializer="raw",
-                value_serializer="raw",
-            )
-            for w in writes
-        ]
+        encoded = [None if w.value is None else encode_value(w.value) for w in writes]
+        send = self.changelog.send
+        sent = [await send(key=w.key, value=v, partition=w.partition) for w, v in zip(writes, encoded, strict=True)]
         acked = await asyncio.gather(*sent)
         self.on_stage("after_changelog")
         batches: dict[int, Any] = defaultdict(lambda: rocksdict.WriteBatch(raw_mode=True))
         offsets: dict[int, int] = {}
-        for w, meta in zip(writes, acked, strict=True):
+        for w, v, meta in zip(writes, encoded, acked, strict=True):
             batch = batches[w.partition]
-            if w.value is None:
+            if v is None:
                 batch.delete(w.key)
             else:
-                batch.put(w.key, encode_value(w.value))
+                batch.put(w.key, v)
             offsets[meta.partition] = max(offsets.get(meta.partition, -1), meta.offset)
         store = self.table.data
         for partition, batch in batches.items():
