@@ -187,22 +187,26 @@ def explain_sessions(
     """Per-position weights of one encoded history (`[max_len]`, left-padded like the inputs) summed per retained
     session: `(start_ms, end_ms, events, weight, top items)` for the `top_sessions` heaviest, heaviest first.
     Sessions wholly before the window get no weight and are not listed."""
-    lo = window_start(state, cfg)
-    n = len(state) - lo
+    lo, end = window_start(state, cfg), len(state)
+    n = end - lo
     if n == 0:
         return []
-    w = np.asarray(event_weights, dtype=np.float64)[cfg.max_len - n :]  # w[j] belongs to event lo + j
-    starts = np.asarray(state.starts, dtype=np.int64)
-    ends = np.append(starts[1:], len(state))
-    inside = ends > lo  # sessions with an event in the window: contiguous, covering events lo..len-1
-    first, a, b = starts[inside], np.maximum(starts[inside], lo), ends[inside]
-    sums = np.add.reduceat(w, a - lo)  # per session, over its events in the window
-    out = []
-    for k in np.argsort(-sums, kind="stable")[:top_sessions].tolist():  # heaviest first, ties in time order
-        ws = w[a[k] - lo : b[k] - lo]
-        order = np.argsort(-ws, kind="stable")
-        items = list(dict.fromkeys(state.items[a[k] + int(j)] for j in order))[:top_items]
-        out.append((state.ts[first[k]], state.ts[b[k] - 1], int(b[k] - first[k]), float(sums[k]), items))
+    # Plain lists: a history has tens of events in about ten sessions, too few for numpy's per-call cost to pay
+    # (this was half of building a record). Sorts are stable: ties keep time order.
+    w = np.asarray(event_weights)[cfg.max_len - n :].tolist()  # w[j] belongs to event lo + j
+    starts = state.starts
+    first = len(starts) - 1
+    while first > 0 and starts[first] > lo:  # the oldest session with an event in the window
+        first -= 1
+    spans = [(max(s, lo), e, s) for s, e in zip(starts[first:], [*starts[first + 1 :], end], strict=True)]
+    sums = [sum(w[a - lo : b - lo]) for a, b, _ in spans]
+    heaviest = sorted(range(len(spans)), key=sums.__getitem__, reverse=True)[:top_sessions]
+    items, ts, out = state.items, state.ts, []
+    for k in heaviest:
+        a, b, start = spans[k]
+        order = sorted(range(a - lo, b - lo), key=w.__getitem__, reverse=True)
+        picked = list(dict.fromkeys([items[lo + j] for j in order]))[:top_items]
+        out.append((ts[start], ts[b - 1], b - start, sums[k], picked))
     return out
 
 

@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,20 @@ class ModelBundle:
     @property
     def output_names(self) -> tuple[str, ...]:
         return OUTPUT_NAMES + (SCENARIO_OUTPUTS if self.encoder.scenarios else ())
+
+    @cached_property
+    def _item_names(self) -> np.ndarray:
+        """Index -> item id: "" for padding, OOV and (the trailing entry) any index past the vocabulary."""
+        return np.array(["", "", *self.vocab.items, ""], dtype=object)
+
+    def item_ids(self, indices: np.ndarray) -> list[Any]:
+        """The item ids of an array of model indices, as nested lists of the same shape."""
+        names = self._item_names
+        return names[np.clip(indices, 0, len(names) - 1)].tolist()  # type: ignore[no-any-return]
+
+    @cached_property
+    def category_names(self) -> np.ndarray:
+        return np.array(self.categories, dtype=object)
 
     @classmethod
     def load(cls, model_dir: Path, version: str | None = None) -> ModelBundle:
@@ -352,11 +367,14 @@ def build_records(
     is); `states` already carry the new `seq`."""
     now = int(time.time() * 1000)
     model = ModelRef(bundle.name, bundle.version, triton_version)
+    # Whole-batch array operations, then one pass per user: the per-user cost is what limits a worker.
     interest = outputs["interest"].astype(np.float32).tolist()
-    items, item_scores = outputs["top_items"].tolist(), outputs["top_scores"].astype(np.float32).tolist()
+    item_ids = bundle.item_ids(outputs["top_items"])
+    item_scores = outputs["top_scores"].astype(np.float32).tolist()
     cat_scores = outputs["category_scores"].astype(np.float32)
-    top_cats = np.argsort(-cat_scores, axis=1, kind="stable")[:, :TOP_CATEGORIES].tolist()
-    names, vocab = bundle.categories, bundle.vocab
+    top_cats = np.argsort(-cat_scores, axis=1, kind="stable")[:, :TOP_CATEGORIES]
+    cat_names = bundle.category_names[top_cats].tolist()
+    cat_top_scores = np.take_along_axis(cat_scores, top_cats, axis=1).tolist()
     weights = outputs["event_weights"]
     scenarios = _scenario_interests(outputs, bundle)
     records = []
@@ -367,8 +385,8 @@ def build_records(
                 user_id=user,
                 seq=state.seq,
                 interest=interest[i],
-                top_categories=[Scored(names[c], float(cat_scores[i, c])) for c in top_cats[i]],
-                top_items=[Scored(vocab.item(ix) or "", s) for ix, s in zip(items[i], item_scores[i], strict=True)],
+                top_categories=list(map(Scored, cat_names[i], cat_top_scores[i])),
+                top_items=list(map(Scored, item_ids[i], item_scores[i])),
                 sessions=len(state.starts),
                 sessions_seen=state.sessions_seen,
                 events_seen=state.events_seen,
@@ -388,10 +406,11 @@ def _scenario_interests(outputs: dict[str, np.ndarray], bundle: ModelBundle) -> 
     if not names:
         return [{} for _ in range(len(outputs["interest"]))]
     vectors = outputs["scenario_interest"].astype(np.float32).tolist()
-    items, scores = outputs["scenario_top_items"].tolist(), outputs["scenario_top_scores"].astype(np.float32).tolist()
+    items = bundle.item_ids(outputs["scenario_top_items"])
+    scores = outputs["scenario_top_scores"].astype(np.float32).tolist()
 
     def top(i: int, s: int) -> list[Scored]:
-        return [Scored(bundle.vocab.item(x) or "", v) for x, v in zip(items[i][s], scores[i][s], strict=True)]
+        return list(map(Scored, items[i][s], scores[i][s]))
 
     rows = range(len(vectors))
     return [{name: ScenarioInterest(vectors[i][s], top(i, s)) for s, name in enumerate(names)} for i in rows]

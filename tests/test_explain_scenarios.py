@@ -3,9 +3,13 @@ and the planted-scenario training run (CPU, under a minute)."""
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core.encoding import EncoderConfig, Vocabulary, encode_batch, encode_history, explain_sessions
 from core.schema import Event, InterestRecord, ModelRef, ScenarioInterest, Scored, in_scenario, scenario_of
@@ -142,3 +146,48 @@ def test_a_planted_scenario_effect_is_recovered() -> None:
     assert r.recall20_asked > 1.3 * r.recall20_general, r
     assert r.recall20_wrong < 0.7 * r.recall20_general, r
     assert r.planted_share_asked > 0.8 > r.planted_share_general, r
+
+
+def _explain_by_brute_force(
+    state: UserState, w: np.ndarray, enc: EncoderConfig, top_sessions: int, top_items: int
+) -> list[tuple[int, int, int, float, list[str]]]:
+    """The definition, spelled out event by event: a session's weight is the sum of its events' weights inside
+    the window; heaviest first, ties in time order; a session's top items by weight, ties in time order."""
+    n = min(len(state), enc.max_len)
+    lo = len(state) - n
+    weight = {lo + j: float(w[enc.max_len - n + j]) for j in range(n)}
+    bounds = [*state.starts, len(state)]
+    sessions = []
+    for first, end in pairwise(bounds):
+        inside = [i for i in range(first, end) if i in weight]
+        if inside:
+            sessions.append((first, end, inside, sum(weight[i] for i in inside)))
+    sessions.sort(key=lambda s: -s[3])  # stable
+    out = []
+    for first, end, inside, total in sessions[:top_sessions]:
+        ranked = sorted(inside, key=lambda i: -weight[i])
+        items = list(dict.fromkeys(state.items[i] for i in ranked))[:top_items]
+        out.append((state.ts[first], state.ts[end - 1], end - first, total, items))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    gaps=st.lists(st.sampled_from([MIN, 2 * MIN, 3_600_000]), min_size=0, max_size=40),
+    items=st.lists(st.sampled_from("abcde"), min_size=41, max_size=41),
+    weights=st.lists(st.sampled_from([0.0, 0.1, 0.25, 0.5]), min_size=12, max_size=12),
+    max_len=st.integers(1, 12),
+    top=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+)
+def test_explain_sessions_is_the_per_event_definition(
+    gaps: list[int], items: list[str], weights: list[float], max_len: int, top: tuple[int, int]
+) -> None:
+    """The list-based explain_sessions (the worker's hot path) against the definition, with ties (repeated
+    weights and items), windows that cut a session, and histories shorter and longer than the window."""
+    ts = [T0 + sum(gaps[:k]) for k in range(len(gaps) + 1)]
+    s = state_from_events([ev(i, t) for i, t in zip(items, ts, strict=False)], CFG)
+    enc, w = EncoderConfig(max_len=max_len), np.array(weights[:max_len], dtype=np.float32)
+    got = explain_sessions(s, w, enc, *top)
+    want = _explain_by_brute_force(s, w, enc, *top)
+    assert [(*x[:3], x[4]) for x in got] == [(*x[:3], x[4]) for x in want]
+    np.testing.assert_allclose([x[3] for x in got], [x[3] for x in want], rtol=1e-12)
