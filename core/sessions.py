@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import struct
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -298,7 +299,7 @@ def encode_state(state: UserState) -> bytes:
 
 def _pack(fps: Sequence[int]) -> bytes:
     """64-bit fingerprints as 8 big-endian bytes each (msgpack would spend 9 per int and a list header)."""
-    return b"".join(fp.to_bytes(8, "big") for fp in fps)
+    return struct.pack(f">{len(fps)}Q", *fps)
 
 
 def _pack_scenarios(scenarios: Sequence[str]) -> dict[str, list[str] | bytes]:
@@ -311,7 +312,9 @@ def _pack_scenarios(scenarios: Sequence[str]) -> dict[str, list[str] | bytes]:
 
 
 def _unpack(data: bytes) -> tuple[int, ...]:
-    return tuple(int.from_bytes(data[i : i + 8], "big") for i in range(0, len(data), 8))
+    if len(data) % 8:
+        raise ValueError(f"fingerprints of {len(data)} bytes: not a multiple of 8")
+    return struct.unpack(f">{len(data) // 8}Q", data)
 
 
 def decode_state(data: bytes | None) -> UserState:
