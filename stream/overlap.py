@@ -78,7 +78,7 @@ class Overlap:
             await settle(dead)
             await self.drain()
             return await self.serially(batch, dead, acknowledge)
-        to_infer, _ = self.step.split(prepared.users)
+        to_infer = self.step.to_infer(prepared.users)
         inferred = {id(u) for u in to_infer}
         for user in prepared.users:
             if id(user) in inferred:
@@ -99,7 +99,7 @@ class Overlap:
     def check(self, prepared: Prepared) -> None:
         """A user folded on a state whose record is still being inferred has no stored record to keep or send
         again: it must get a new one, and have no replays (a replay republishes the stored record)."""
-        to_infer, _ = self.step.split(prepared.users)
+        to_infer = self.step.to_infer(prepared.users)
         inferred = {id(u) for u in to_infer}
         for user in prepared.users:
             pending = self.in_flight.get(user.key)
@@ -119,7 +119,7 @@ class Overlap:
         inference: asyncio.Task[Inferred] | None = None
         as_prepared = False
         try:
-            to_infer, _ = self.step.split(prepared.users)
+            to_infer = self.step.to_infer(prepared.users)
             if to_infer:
                 inference = asyncio.create_task(self.step.infer(to_infer))
             if previous is not None and not await previous:

@@ -184,13 +184,16 @@ class BatchStep:
         users = [await self.fold(key, pairs, dead, elements, read) for key, pairs in by_user.items()]  # type: ignore[arg-type]
         return Prepared(batch, users)
 
+    def to_infer(self, users: list[Folded]) -> list[Folded]:
+        """With inference on, a dirty state (changed now, or stored while inference was off) gets a new record."""
+        return [u for u in users if u.state.dirty] if self.model is not None else []
+
     def split(self, users: list[Folded]) -> tuple[list[Folded], list[Write]]:
-        """With inference on, a dirty state (changed now, or stored while inference was off) gets a new record;
-        any other change (ingest only, identities' bookkeeping) is stored with the record it had."""
-        infer = self.model is not None
-        to_infer = [u for u in users if infer and u.state.dirty]
-        keep = [self._keep_record(u) for u in users if u.changed and not (infer and u.state.dirty)]
-        return to_infer, keep
+        """`to_infer`'s users, and the writes of any other change (ingest only, identities' bookkeeping): stored
+        with the record it had."""
+        to_infer = self.to_infer(users)
+        inferred = {id(u) for u in to_infer}
+        return to_infer, [self._keep_record(u) for u in users if u.changed and id(u) not in inferred]
 
     async def finish(self, prepared: Prepared, inferred: Inferred | None = None) -> None:
         """Republish, infer (unless `inferred` was computed already for `split`'s users), write, publish."""
