@@ -181,7 +181,8 @@ def _worker(settings: Settings, events: int, log_path: Path, longpoll_ms: float 
                 first = (idle_at, idle_cpu)
             if snap.handled >= events and snap.pending == 0:
                 return process_tree_cpu_s(worker.pid) - first[1], snap.at - first[0]
-            time.sleep(0.05)
+            # Once it runs, scrape rarely: a scrape costs the worker ~3 ms of CPU, ~9 % of its CPU at 20 Hz (py-spy)
+            time.sleep(0.05 if first is None else 0.5)
     finally:
         worker.stop()
 
