@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import aiokafka.errors as kafka_errors
 import faust
@@ -59,7 +60,26 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         if unsought:
             log.info("input partitions read from their start (committed 0 or nothing): %s",
                      sorted(tp.partition for tp in unsought))  # fmt: skip
-        return committed
+        return {**committed, **await self._restart_beyond_the_end(consumer, committed)}
+
+    async def _restart_beyond_the_end(self, consumer: Any, committed: Mapping[TP, int | None]) -> dict[TP, int]:
+        """Input partitions whose committed offset lies past their end (the topic was recreated, or mirrored to
+        a new cluster, under the group's old offsets): read from their start, and reported to Faust as committed
+        at 0. aiokafka alone would reset the position to the start, but Faust drops every message below the
+        committed offset it was told (`Consumer._drain_messages`), so the new events were never handed to the
+        agent until their offsets passed the old ones (tests/test_worker.py::test_j)."""
+        held = [tp for tp, offset in committed.items() if tp.topic in self.input_topics and offset]
+        if not held:
+            return {}
+        ends = await consumer.end_offsets(held)
+        beyond = [tp for tp in held if committed[tp] > ends[tp]]  # type: ignore[operator]
+        if not beyond:
+            return {}
+        log.warning("input partitions %s: committed offsets %s lie past their end %s (topic recreated?); read from "
+                    "their start", sorted(tp.partition for tp in beyond), [committed[tp] for tp in beyond],
+                    [ends[tp] for tp in beyond])  # fmt: skip
+        await consumer.seek_to_beginning(*beyond)
+        return dict.fromkeys(beyond, 0)
 
     async def membership(self, generation: int) -> Membership:
         """What the group coordinator says of this member in Faust's `generation` (stream/fencing.py)."""

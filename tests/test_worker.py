@@ -25,7 +25,14 @@ from core.sessions import UserState, state_from_events
 from local.broker import changelog_topic, ensure_topics, run_sync
 from local.process import free_port
 from local.replay import publish
-from local.synthetic import MALFORMED_KINDS, malformed_record, marker_of, mix_malformed, synthetic_events
+from local.synthetic import (
+    MALFORMED_KINDS,
+    in_envelopes,
+    malformed_record,
+    marker_of,
+    mix_malformed,
+    synthetic_events,
+)
 from local.worker import settings_env
 from stream.settings import Settings
 from tests.fixtures.worker import (
@@ -496,3 +503,46 @@ def test_i_sigterm_ends_a_worker_whose_batch_never_finishes_within_its_deadline(
     log = worker.log_text()
     assert f"worker shutdown still running after {deadline_s} s" in log
     assert "Thread 0x" in log and "File " in log, "faulthandler's stack dump"
+
+
+# --- (j) the input topic recreated under kept changelogs (issue 25, item 3) ----------------------------------------
+
+
+def test_j_a_recreated_input_topic_is_detected_and_its_new_events_applied(
+    make_settings: Callable[..., Settings], start_worker: Callable[..., Worker]
+) -> None:
+    """Ops recreate the events topic (or mirror it to a new cluster) while the workers' changelogs and the group's
+    committed offsets stay: offsets restart at 0, below every state's replay witness. The new events are newer than
+    anything folded and were never seen, so they are applied, not swallowed as replays, and the worker says so."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    settings = make_settings(tables=(TABLE,), topic_partitions=2)
+    before = synthetic_events(50, 600, seed=41)
+    later = synthetic_events(50, 200, seed=42, start_ms=max(e.timestamp for e in before) + 86_400_000)
+    after = [msgspec.structs.replace(e, event_id=f"{e.event_id}-new") for e in later]  # ids of their own
+    assert len(after) < len(before) // 2  # every partition's new offsets end below its old ones
+    first = start_worker(settings, name="first")
+    run_sync(publish(settings, in_envelopes(before, 1), progress=False))
+    process_all(settings, [first], expected_states(before, settings))
+    stop_cleanly(first)
+
+    async def recreate() -> None:
+        admin = AIOKafkaAdminClient(**settings.kafka_client_kwargs())
+        await admin.start()
+        try:
+            await admin.delete_topics([settings.topic_events])
+            await admin.create_topics([NewTopic(settings.topic_events, settings.topic_partitions, 1)])
+        finally:
+            await admin.close()
+
+    run_sync(recreate())
+    run_sync(publish(settings, in_envelopes(after, 1), progress=False))
+    expected = expected_states([*before, *after], settings)
+    second = start_worker(settings, name="second")
+    wait_for(changelog_complete(settings, expected), 300, "the changelog to hold the new events", 1.0)
+    restarted = second.metric("interest_input_offsets_restarted_total")
+    assert_healthy(second)
+    stop_cleanly(second)
+    assert_states(merge_partitions(read_rocksdb(settings.state_dir)), expected, "RocksDB after the recreation")
+    assert restarted > 0, "the restart of the offsets is reported (interest_input_offsets_restarted_total)"
+    assert read_topic(settings, settings.topic_dlq) == [], "no valid event dead-lettered"
