@@ -45,13 +45,42 @@ def save(ckpt: Checkpoint, out: Path, history: dict[str, list[float]]) -> None:
 
 
 #: Parameters added after checkpoints were first saved; their zero init is exactly the model without them.
-NEWER_PARAMETERS = {"scenario_emb.weight", "target_emb.weight", "knn_short_weight"}
+NEWER_PARAMETERS = {"scenario_emb.weight", "target_emb.weight", "item_item_short_weight"}
+
+#: Old name -> new name of the item-item scorer's buffers (state dict) and of its rank (ModelConfig, TrainConfig).
+#: They were called knn_* while they held EASE's factors by default (issue 27); checkpoints saved before load as is.
+RENAMED_PARAMETERS = {
+    "knn_factors": "item_item_factors",
+    "knn_decay": "item_item_decay",
+    "knn_weight": "item_item_weight",
+    "knn_short_weight": "item_item_short_weight",
+}
+RENAMED_CONFIG = {"knn_rank": "item_item_rank"}
+RENAMED_METADATA = {"knn": "item_item"}  # the scorer's fit (val_ndcg10, weight, decay, lam, short_weight)
+
+
+def renamed(d: dict, names: dict[str, str]) -> dict:
+    """`d` with its keys renamed by `names` (old -> new), order kept; a key already under its new name wins."""
+    return {names.get(k, k): v for k, v in d.items() if not (k in names and names[k] in d)}
+
+
+def upgrade(blob: dict) -> dict:
+    """A checkpoint blob saved under older names, in today's names (a copy; today's blobs come back equal)."""
+    meta = renamed(blob.get("metadata") or {}, RENAMED_METADATA)
+    if "train_config" in meta:
+        meta["train_config"] = renamed(meta["train_config"], RENAMED_CONFIG)
+    return blob | {
+        "state_dict": renamed(blob["state_dict"], RENAMED_PARAMETERS),
+        "model_config": renamed(blob["model_config"], RENAMED_CONFIG),
+        "metadata": meta,
+    }
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
     """A checkpoint directory (or its checkpoint.pt) -> the model in eval mode with everything to encode inputs."""
     path = Path(path)
     blob = torch.load(path / "checkpoint.pt" if path.is_dir() else path, map_location=device, weights_only=True)
+    blob = upgrade(blob)
     mcfg = ModelConfig(**blob["model_config"])
     model = InterestTransformer(mcfg)
     missing, unexpected = model.load_state_dict(blob["state_dict"], strict=False)

@@ -61,7 +61,7 @@ def train_command(
     ckpt, _ = train(cfg, out=out)
     meta = ckpt.metadata
     typer.echo(f"{out}: {meta['epochs']} epochs in {meta['train_seconds']} s on {meta['device']}")
-    served = meta["knn"].get("val_ndcg10", meta["best_val_ndcg10"])  # no item-item scorer: the Transformer alone
+    served = meta["item_item"].get("val_ndcg10", meta["best_val_ndcg10"])  # no item-item scorer: the Transformer alone
     typer.echo(f"validation NDCG@10: {served:.4f} served, {meta['best_val_ndcg10']:.4f} Transformer alone")
     typer.echo(f"test: {json.dumps({k: round(v, 4) for k, v in meta['test_metrics'].items()})}")
 
@@ -134,9 +134,9 @@ def refit_command(
     from models.train import refit
 
     meta = refit(checkpoint, out, serve_len=serve_len, ease_neighbours=ease_neighbours).metadata
-    typer.echo(f"{out}: validation NDCG@10 {meta['knn'].get('val_ndcg10', float('nan')):.4f} served")
+    typer.echo(f"{out}: validation NDCG@10 {meta['item_item'].get('val_ndcg10', float('nan')):.4f} served")
     typer.echo(f"test: {json.dumps({k: round(v, 4) for k, v in meta['test_metrics'].items()})}")
-    typer.echo(f"item-item scorer: {json.dumps(meta['knn'])}")
+    typer.echo(f"item-item scorer: {json.dumps(meta['item_item'])}")
     lengths = " ".join(f"ndcg10_len{b.replace('+', 'plus')}={v:.4f}" for b, v in meta["test_by_length"].items())
     typer.echo(f"RESULT {lengths}")
 

@@ -64,12 +64,12 @@ def ndcg_by_length(
     }
 
 
-#: knn_short_weight candidates (the item-item weight of an n-event history is knn_weight + this / n).
+#: item_item_short_weight candidates (the item-item weight of an n-event history is item_item_weight + this / n).
 SHORT_WEIGHTS = (0.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
 
 def fit_short_weight(model, ds, sp, enc) -> dict[str, float]:
-    """Pick the model's `knn_short_weight` on the VALIDATION targets with the inputs cut like the test buckets:
+    """Pick the model's `item_item_short_weight` on the VALIDATION targets with the inputs cut like the test buckets:
     the best mean NDCG@10 over every length (0 is a candidate, so validation cannot get worse at the mean). Why:
     with one or two events the Transformer has little to read, while one item's EASE neighbours are already good
     evidence (EASE beat the model at 1 and 2 events, docs/model-results.md)."""
@@ -84,13 +84,13 @@ def fit_short_weight(model, ds, sp, enc) -> dict[str, float]:
             seen = torch.from_numpy(seen_mask(states, ds.vocab))
             base = model.item_logits(model(**x)).masked_fill(seen, float("-inf")) + model.item_mask
             n = (model.window(x["item_ids"])[0] != 0).sum(1, keepdim=True).clamp(min=1)
-            parts.append((base, model.knn_scores(x["item_ids"]), 1.0 / n, targets))
-    w = model.knn_weight.item()
+            parts.append((base, model.item_item_scores(x["item_ids"]), 1.0 / n, targets))
+    w = model.item_item_weight.item()
     mean = {
         short: float(np.mean([next_item_metrics((b + (w + short * inv) * k).numpy(), t, 10)["ndcg10"]
                               for b, k, inv, t in parts]))
         for short in SHORT_WEIGHTS
     }  # fmt: skip
     best = max(mean, key=mean.get)
-    model.knn_short_weight.fill_(best)
+    model.item_item_short_weight.fill_(best)
     return {"short_weight": best, "val_mean_ndcg10": mean[best], "val_mean_ndcg10_without": mean[0.0]}

@@ -33,7 +33,7 @@ from models.ranking import (
 VARIANTS: dict[str, dict] = {
     "model": {},
     "sasrec": {
-        "use_session_pos": False, "use_time_gaps": False, "use_fusion": False, "item_bias": False, "knn_rank": 0,
+        "use_session_pos": False, "use_time_gaps": False, "use_fusion": False, "item_bias": False, "item_item_rank": 0,
         "category_history": False, "serve_len": 0,  # the published recipe reads all 200 events
     },
     # SASRec's Transformer with the in-graph item-kNN scorer (the model's until EASE replaced it, docs/model.md)
@@ -60,7 +60,7 @@ ALONE = {"model": "transformer_only"}
 BASELINES = ("popularity", "item_knn", "ease", "knn_popularity", "sasrec")
 CATEGORY_BASELINES = ("history_genres", "global_genres")
 METRICS = ("ndcg10", "recall10", "mrr", "ns_recall20", "ns_ndcg20", "cat_ndcg5", "cat_overlap3")
-KNN_DECAYS = (1.0, 0.95, 0.9, 0.8, 0.7, 0.5)
+ITEM_ITEM_DECAYS = (1.0, 0.95, 0.9, 0.8, 0.7, 0.5)
 EASE_LAMBDAS = (30.0, 100.0, 300.0, 1000.0)
 POPULARITY_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
 
@@ -91,7 +91,7 @@ def baseline_by_length(model, ds: Dataset, sp: Split) -> dict[str, float]:
 def run_baselines(ds: Dataset, sp: Split) -> dict[str, dict]:
     pop = Popularity(sp.train, ds.vocab)
     out = {"popularity": {"metrics": baseline_metrics(pop, ds, sp), "by_length": baseline_by_length(pop, ds, sp)}}
-    best = max(KNN_DECAYS, key=lambda d: _val_ndcg(ItemKNN(sp.train, ds.vocab, d), ds, sp))  # tuned on validation
+    best = max(ITEM_ITEM_DECAYS, key=lambda d: _val_ndcg(ItemKNN(sp.train, ds.vocab, d), ds, sp))  # tuned on validation
     knn = ItemKNN(sp.train, ds.vocab, best)
     out["item_knn"] = {"metrics": baseline_metrics(knn, ds, sp), "decay": best}
     out["item_knn"]["by_length"] = baseline_by_length(knn, ds, sp)
@@ -114,7 +114,7 @@ def tune_ease(ds: Dataset, sp: Split) -> tuple[float, float]:
     ndcg = {}
     for lam in EASE_LAMBDAS:
         ease = Ease(sp.train, ds.vocab, lam)  # the solve once per lam; the decay only weights the history
-        for decay in KNN_DECAYS:
+        for decay in ITEM_ITEM_DECAYS:
             ease.decay = decay
             ndcg[lam, decay] = _val_ndcg(ease, ds, sp)
     return max(ndcg, key=ndcg.get)
@@ -126,7 +126,7 @@ def tune_knn_popularity(ds: Dataset) -> tuple[float, float]:
     val = session_validation(ds)
     seen = seen_mask(val.inputs, ds.vocab)
     recall = {}
-    for decay in KNN_DECAYS:
+    for decay in ITEM_ITEM_DECAYS:
         hybrid = KnnPopularity(val.train, ds.vocab, decay, weight=0.0)
         knn = hybrid.scores(val.inputs, ds.vocab)  # the kNN part once per decay; the weights only add popularity
         for weight in POPULARITY_WEIGHTS:
@@ -177,7 +177,7 @@ def run(
             cfg = replace(base, seed=seed, **VARIANTS[name])
             ckpt, _ = train(cfg, ds, sp, out=out / f"{name}-{seed}", quiet=True)  # kept for post-hoc analyses
             meta = ckpt.metadata
-            runs[key] = {"metrics": meta["test_metrics"], "epochs": meta["epochs"], "knn": meta.get("knn")}
+            runs[key] = {"metrics": meta["test_metrics"], "epochs": meta["epochs"], "item_item": meta.get("item_item")}
             if "test_metrics_alone" in meta:
                 runs[key]["alone"] = meta["test_metrics_alone"]
             runs[key]["by_length"] = ndcg_by_length(model_scorer(ckpt), sp.test_inputs, sp.test_targets)

@@ -40,7 +40,7 @@ from models.ranking import target_ranks
 
 #: State-dict entries with one row per vocabulary item (grown together; the neighbour rows are EASE's sparse form).
 ITEM_ROWS = (
-    "item_emb.weight", "item_bias", "item_categories", "knn_factors", "ease_out", "ease_self", "neighbour_items",
+    "item_emb.weight", "item_bias", "item_categories", "item_item_factors", "ease_out", "ease_self", "neighbour_items",
     "neighbour_weights",
 )  # fmt: skip
 
@@ -139,21 +139,21 @@ def grow(
 
 def refit_item_item(ckpt: Checkpoint, histories: Sequence[UserState]) -> Checkpoint:
     """Refit the in-graph item-item scorer on `histories` with the lambda picked at training. EASE is exact up to
-    `knn_rank` users (a truncated SVD beyond), so the rank grows with the users, up to training's cap of 1024:
+    `item_item_rank` users (a truncated SVD beyond), so the rank grows with the users, up to training's cap of 1024:
     a copy with wider factor buffers (they are refilled here; nothing else changes). Returns the refitted one."""
     from models.train import TrainConfig, fill_item_item
 
     cfg = ckpt.model_config
-    if cfg.knn_rank <= 0:
+    if cfg.item_item_rank <= 0:
         return ckpt
-    rank = min(TrainConfig.knn_rank, len(histories))
-    if rank > cfg.knn_rank:
-        mcfg = dataclasses.replace(cfg, knn_rank=rank)
+    rank = min(TrainConfig.item_item_rank, len(histories))
+    if rank > cfg.item_item_rank:
+        mcfg = dataclasses.replace(cfg, item_item_rank=rank)
         model = InterestTransformer(mcfg).to(next(ckpt.model.parameters()).device)
-        kept = {k: v for k, v in ckpt.model.state_dict().items() if k not in ("knn_factors", "ease_out")}
+        kept = {k: v for k, v in ckpt.model.state_dict().items() if k not in ("item_item_factors", "ease_out")}
         model.load_state_dict(kept, strict=False)
         ckpt = dataclasses.replace(ckpt, model=model.eval(), model_config=mcfg)
-    lam = float(ckpt.metadata.get("knn", {}).get("lam", 300.0))
+    lam = float(ckpt.metadata.get("item_item", {}).get("lam", 300.0))
     fill_item_item(ckpt.model, list(histories), ckpt.vocab, lam)
     return ckpt
 

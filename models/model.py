@@ -49,7 +49,7 @@ class ModelConfig:
     use_time_gaps: bool = True
     use_fusion: bool = False  # off: the ablation did not show it helping (docs/model-results.md)
     item_bias: bool = True  # a learned per-item logit bias (popularity prior)
-    knn_rank: int = 0  # columns of the in-graph item-item factors; 0 = no history scorer
+    item_item_rank: int = 0  # columns of the in-graph item-item factors; 0 = no history scorer
     history_scorer: str = "knn"  # the in-graph item-item scorer: "knn" (cosine) or "ease" (Steck 2019)
     category_history: bool = True  # category logits also see the history's genre shares
     category_share_mix: float = 0.0  # with category_history: served score = (1 - mix) sigmoid(head) + mix share
@@ -191,14 +191,15 @@ class InterestTransformer(nn.Module):
         # similarity in factored form S = F F^T (F [n_items, rank] = the transposed column-normalized training user
         # x item matrix, exact; or a truncated SVD of it). EASE (the default since it beat kNN on validation,
         # docs/model.md): three buffers. Both: a recency decay and a mixing weight.
-        self.register_buffer("knn_factors", torch.zeros(cfg.n_items, cfg.knn_rank))
-        self.register_buffer("knn_decay", torch.tensor(0.8))
-        self.register_buffer("knn_weight", torch.tensor(0.0))
-        # Short histories lean more on the item-item evidence: weight knn_weight + knn_short_weight / (events read),
-        # picked on validation histories cut to a few events (models.coldstart; 0 = one weight for every length).
-        self.register_buffer("knn_short_weight", torch.tensor(0.0))
-        if cfg.history_scorer == "ease":  # EASE: knn_factors holds X^T, these the rest (models.baselines.ease_factors)
-            self.register_buffer("ease_out", torch.zeros(cfg.n_items, cfg.knn_rank))
+        self.register_buffer("item_item_factors", torch.zeros(cfg.n_items, cfg.item_item_rank))
+        self.register_buffer("item_item_decay", torch.tensor(0.8))
+        self.register_buffer("item_item_weight", torch.tensor(0.0))
+        # Short histories lean more on the item-item evidence: weight item_item_weight + item_item_short_weight / n
+        # (n = events read), picked on validation histories cut to a few events (models.coldstart; 0 = one weight
+        # for every length).
+        self.register_buffer("item_item_short_weight", torch.tensor(0.0))
+        if cfg.history_scorer == "ease":  # item_item_factors holds X^T, these the rest (models.baselines.ease_factors)
+            self.register_buffer("ease_out", torch.zeros(cfg.n_items, cfg.item_item_rank))
             self.register_buffer("ease_self", torch.zeros(cfg.n_items))
         if cfg.ease_neighbours:  # sparse EASE (models.baselines.ease_neighbours): served instead of the factors
             self.register_buffer("neighbour_items", torch.zeros(cfg.n_items, cfg.ease_neighbours, dtype=torch.int32))
@@ -325,7 +326,7 @@ class InterestTransformer(nn.Module):
         logits = self.scale() * interest @ self.item_emb.weight.T
         return logits if self.item_bias is None else logits + self.item_bias
 
-    def knn_scores(self, item_ids: Tensor) -> Tensor:
+    def item_item_scores(self, item_ids: Tensor) -> Tensor:
         """[B, n_items] item-item evidence from the history h (decay^(events back) per event), divided by the row
         maximum (0 when empty). kNN: h S with S = F F^T, an item's similarity to itself left out. EASE: h B, computed
         as (h X^T) ease_out^T + h * ease_self (models.baselines.ease_factors), the same scores as the Ease baseline;
@@ -335,9 +336,9 @@ class InterestTransformer(nn.Module):
         F^T or F * F would be folded into extra copies of the largest initializer)."""
         item_ids = self.window(item_ids)[0]  # decay^k: the newest events carry the evidence
         L = item_ids.shape[1]
-        f = self.knn_factors
+        f = self.item_item_factors
         back = torch.arange(L - 1, -1, -1, device=item_ids.device, dtype=f.dtype)
-        w = self.knn_decay.pow(back) * (item_ids != PAD).to(f.dtype)  # [B, L]
+        w = self.item_item_decay.pow(back) * (item_ids != PAD).to(f.dtype)  # [B, L]
         if self.cfg.ease_neighbours:  # the sum of the history items' neighbour rows, decay-weighted
             cols = self.neighbour_items[item_ids].flatten(1).long()  # [B, L * N]
             vals = (self.neighbour_weights[item_ids] * w.unsqueeze(-1)).flatten(1)
@@ -354,16 +355,17 @@ class InterestTransformer(nn.Module):
         return out / out.amax(1, keepdim=True).clamp(min=1e-6)
 
     def item_scores(self, interest: Tensor, item_ids: Tensor) -> Tensor:
-        """[B, n_items] next-item scores for the histories `item_ids`: Transformer logits + knn_weight * the
+        """[B, n_items] next-item scores for the histories `item_ids`: Transformer logits + item_item_weight * the
         item-item (EASE or kNN) evidence; PAD and OOV are -inf."""
         return self.item_logits(interest) + self.history_scores(item_ids)
 
     def history_scores(self, item_ids: Tensor) -> Tensor:
-        """The part of `item_scores` that depends on the history alone (knn_weight * item-item evidence, PAD and
+        """The part of `item_scores` that depends on the history alone (item_item_weight * item-item evidence, PAD and
         OOV -inf): computed once when several interests of one history are scored."""
-        if self.cfg.knn_rank > 0:
-            n = (self.window(item_ids)[0] != PAD).sum(1, keepdim=True).clamp(min=1).to(self.knn_weight.dtype)
-            return self.item_mask + (self.knn_weight + self.knn_short_weight / n) * self.knn_scores(item_ids)
+        if self.cfg.item_item_rank > 0:
+            n = (self.window(item_ids)[0] != PAD).sum(1, keepdim=True).clamp(min=1).to(self.item_item_weight.dtype)
+            weight = self.item_item_weight + self.item_item_short_weight / n
+            return self.item_mask + weight * self.item_item_scores(item_ids)
         return self.item_mask.expand(item_ids.shape[0], -1)
 
     def history_genre_shares(self, item_ids: Tensor) -> Tensor:

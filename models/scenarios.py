@@ -110,7 +110,7 @@ def evaluate(ckpt: Checkpoint, ds: Dataset, liked: dict[str, dict[str, int]] | N
 def run(n_users: int = 400, seed: int = 0, max_epochs: int = 40, d_model: int = 32) -> ScenarioReport:
     """Train on the planted data (the training histories of the usual split) and evaluate the next sessions."""
     ds = planted_dataset(n_users, seed=seed)
-    cfg = TrainConfig(dataset=ds.name, seed=seed, max_len=EncoderConfig().max_len, d_model=d_model, knn_rank=0)
+    cfg = TrainConfig(dataset=ds.name, seed=seed, max_len=EncoderConfig().max_len, d_model=d_model, item_item_rank=0)
     # No early stopping: validation asks about no scenario, and the scenarios are picked up only after ~10 epochs.
     cfg.max_epochs, cfg.patience, cfg.max_minutes = max_epochs, max_epochs, 8.0
     ckpt, _ = train(cfg, ds, split(ds), quiet=True)

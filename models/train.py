@@ -49,7 +49,7 @@ class TrainConfig:
     item_bias: bool = True
     category_history: bool = True
     category_share_mix: float = 0.6  # picked on held-out penultimate sessions (docs/model.md)
-    knn_rank: int = 1024  # in-graph item-item factor columns (exact up to this many training users); 0 = none
+    item_item_rank: int = 1024  # in-graph item-item factor columns (exact up to this many training users); 0 = none
     history_scorer: str = "ease"  # in-graph item-item scorer fused with the Transformer: "ease" or "knn"
     ease_neighbours: int = 100  # EASE served as each item's top-N neighbours (0 = dense factors; docs/model.md)
     serve_len: int = 50  # inference reads the newest N events (0 = max_len; training always max_len)
@@ -227,9 +227,9 @@ def train(
     enc = EncoderConfig(max_len=cfg.max_len, scenarios=tuple(ds.scenarios))
     flags = {k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads", "dropout")}
     flags |= {k: getattr(cfg, k) for k in ("use_session_pos", "use_time_gaps", "use_fusion", "item_bias")}
-    flags |= {"knn_rank": min(cfg.knn_rank, len(sp.train)), "category_history": cfg.category_history}
+    flags |= {"item_item_rank": min(cfg.item_item_rank, len(sp.train)), "category_history": cfg.category_history}
     flags |= {"category_share_mix": cfg.category_share_mix, "history_scorer": cfg.history_scorer}
-    neighbours = min(cfg.ease_neighbours, len(ds.vocab)) if cfg.history_scorer == "ease" and cfg.knn_rank else 0
+    neighbours = min(cfg.ease_neighbours, len(ds.vocab)) if cfg.history_scorer == "ease" and cfg.item_item_rank else 0
     flags |= {"serve_len": cfg.serve_len, "ease_neighbours": neighbours}
     mcfg = ModelConfig.for_encoder(enc, len(ds.vocab), n_categories=len(ds.categories), **flags)
     model = InterestTransformer(mcfg).to(device)
@@ -280,25 +280,25 @@ def train(
                 break
     model.load_state_dict(best_state)
     model.eval()
-    knn = fit_knn(model, ds, sp, enc) if cfg.knn_rank > 0 else {}
-    if knn:  # short histories: more weight on the item-item evidence, picked on validation (models.coldstart)
-        knn["short_weight"] = fit_short_weight(model, ds, sp, enc)["short_weight"]
+    scorer = fit_item_item(model, ds, sp, enc) if cfg.item_item_rank > 0 else {}
+    if scorer:  # short histories: more weight on the item-item evidence, picked on validation (models.coldstart)
+        scorer["short_weight"] = fit_short_weight(model, ds, sp, enc)["short_weight"]
     metrics = evaluate_model(model, ds, sp, enc)
     alone = {}
-    if cfg.knn_rank > 0:  # the ablation without the kNN scorer, from the same weights
-        w, short = model.knn_weight.item(), model.knn_short_weight.item()
-        model.knn_weight.fill_(0.0)
-        model.knn_short_weight.fill_(0.0)
+    if cfg.item_item_rank > 0:  # the ablation without the item-item scorer, from the same weights
+        w, short = model.item_item_weight.item(), model.item_item_short_weight.item()
+        model.item_item_weight.fill_(0.0)
+        model.item_item_short_weight.fill_(0.0)
         alone = {"test_metrics_alone": evaluate_model(model, ds, sp, enc)}
-        model.knn_weight.fill_(w)
-        model.knn_short_weight.fill_(short)
+        model.item_item_weight.fill_(w)
+        model.item_item_short_weight.fill_(short)
     meta = {
         "dataset": ds.name,
         "data_hash": ds.data_hash,
         "train_config": asdict(cfg),
         "epochs": len(history["loss"]),
         "best_val_ndcg10": best,
-        "knn": knn,
+        "item_item": scorer,
         "train_seconds": round(time.monotonic() - t0, 1),
         "device": str(device),
         "test_metrics": metrics,
@@ -311,8 +311,8 @@ def train(
     return ckpt, history
 
 
-KNN_DECAYS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
-KNN_WEIGHTS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
+ITEM_ITEM_DECAYS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+ITEM_ITEM_WEIGHTS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
 EASE_LAMBDAS = (100.0, 300.0, 1000.0)
 
 
@@ -324,10 +324,10 @@ def fill_item_item(model: InterestTransformer, histories: list[UserState], vocab
     from models.baselines import ease_factors, ease_neighbours, knn_factors
 
     if model.cfg.history_scorer != "ease":
-        model.knn_factors.copy_(torch.from_numpy(knn_factors(histories, vocab, model.cfg.knn_rank)))
+        model.item_item_factors.copy_(torch.from_numpy(knn_factors(histories, vocab, model.cfg.item_item_rank)))
         return
-    factors = ease_factors(histories, vocab, lam, model.cfg.knn_rank)
-    for buf, v in zip(("knn_factors", "ease_out", "ease_self"), factors, strict=True):
+    factors = ease_factors(histories, vocab, lam, model.cfg.item_item_rank)
+    for buf, v in zip(("item_item_factors", "ease_out", "ease_self"), factors, strict=True):
         getattr(model, buf).copy_(torch.from_numpy(v))
     if n := model.cfg.ease_neighbours:  # what is served: validation grids score with these
         cols, weights = ease_neighbours(*factors, n)
@@ -336,7 +336,7 @@ def fill_item_item(model: InterestTransformer, histories: list[UserState], vocab
 
 
 @torch.no_grad()
-def fit_knn(model: InterestTransformer, ds: Dataset, sp: Split, enc: EncoderConfig) -> dict[str, float]:
+def fit_item_item(model: InterestTransformer, ds: Dataset, sp: Split, enc: EncoderConfig) -> dict[str, float]:
     """Fill the in-graph item-item scorer from the training histories (kNN similarity factors, or EASE's for each
     of EASE_LAMBDAS), then pick its recency decay, mixing weight (and EASE's lambda) by grid search on the
     VALIDATION targets (NDCG@10). Weight 0 = the Transformer alone."""
@@ -348,16 +348,16 @@ def fit_knn(model: InterestTransformer, ds: Dataset, sp: Split, enc: EncoderConf
     best = (-1.0, 0.0, 1.0, 0.0)
     for lam in EASE_LAMBDAS if ease else (0.0,):
         fill_item_item(model, sp.train, ds.vocab, lam)
-        for decay in KNN_DECAYS:
-            model.knn_decay.fill_(decay)
-            knn = model.knn_scores(x["item_ids"])
-            for w in KNN_WEIGHTS:
-                v = next_item_metrics((base + w * knn).cpu().numpy(), sp.val_targets, 10)["ndcg10"]
+        for decay in ITEM_ITEM_DECAYS:
+            model.item_item_decay.fill_(decay)
+            evidence = model.item_item_scores(x["item_ids"])
+            for w in ITEM_ITEM_WEIGHTS:
+                v = next_item_metrics((base + w * evidence).cpu().numpy(), sp.val_targets, 10)["ndcg10"]
                 best = max(best, (v, w, decay, lam))
     if ease:  # the last lambda tried is not necessarily the best; kNN factors do not depend on it
         fill_item_item(model, sp.train, ds.vocab, best[3])
-    model.knn_weight.fill_(best[1])
-    model.knn_decay.fill_(best[2])
+    model.item_item_weight.fill_(best[1])
+    model.item_item_decay.fill_(best[2])
     return {"val_ndcg10": best[0], "weight": best[1], "decay": best[2]} | ({"lam": best[3]} if ease else {})
 
 
@@ -370,14 +370,14 @@ def refit(path: str | Path, out: str | Path, ds: Dataset | None = None, **model_
     mcfg = dataclasses.replace(ckpt.model_config, **model_flags)
     model = InterestTransformer(mcfg)
     weights = {k: v for k, v in ckpt.model.state_dict().items() if not k.startswith("neighbour_")}
-    model.load_state_dict(weights, strict=False)  # the neighbour rows: filled by fit_knn
+    model.load_state_dict(weights, strict=False)  # the neighbour rows: filled by fit_item_item
     model.eval()
     ds = ds or load(ckpt.metadata.get("train_config", {}).get("dataset", "movielens"))
     sp = split(ds)
-    knn = fit_knn(model, ds, sp, ckpt.encoder_config) if mcfg.knn_rank > 0 else {}
-    if knn:
-        knn["short_weight"] = fit_short_weight(model, ds, sp, ckpt.encoder_config)["short_weight"]
-    meta = ckpt.metadata | {"knn": knn, "test_metrics": evaluate_model(model, ds, sp, ckpt.encoder_config)}
+    scorer = fit_item_item(model, ds, sp, ckpt.encoder_config) if mcfg.item_item_rank > 0 else {}
+    if scorer:
+        scorer["short_weight"] = fit_short_weight(model, ds, sp, ckpt.encoder_config)["short_weight"]
+    meta = ckpt.metadata | {"item_item": scorer, "test_metrics": evaluate_model(model, ds, sp, ckpt.encoder_config)}
     scores = lambda states: score(model, states, ds.vocab, ckpt.encoder_config)  # noqa: E731
     meta["test_by_length"] = ndcg_by_length(scores, sp.test_inputs, sp.test_targets)
     meta["refit_from"], meta["model_version"] = str(path), None

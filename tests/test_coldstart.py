@@ -86,14 +86,14 @@ def test_the_short_history_weight_scales_the_item_item_evidence_by_one_over_the_
                         fps=tuple(range(n)), starts=(0,)) for n in (1, 5)]  # fmt: skip
     ids = torch.from_numpy(encode_batch(states, ckpt.vocab, ckpt.encoder_config)["item_ids"])
     with torch.no_grad():
-        knn = model.knn_scores(ids)[:, 2:]
+        evidence = model.item_item_scores(ids)[:, 2:]
         got = model.history_scores(ids)[:, 2:]
-    w, s = model.knn_weight.item(), model.knn_short_weight.item()
+    w, s = model.item_item_weight.item(), model.item_item_short_weight.item()
     assert s > 0
-    torch.testing.assert_close(got, torch.stack([(w + s / 1) * knn[0], (w + s / 5) * knn[1]]))
+    torch.testing.assert_close(got, torch.stack([(w + s / 1) * evidence[0], (w + s / 5) * evidence[1]]))
     with torch.no_grad():
-        model.knn_short_weight.fill_(0.0)
-        torch.testing.assert_close(model.history_scores(ids)[:, 2:], w * knn)  # 0: the model before issue 27
+        model.item_item_short_weight.fill_(0.0)
+        torch.testing.assert_close(model.history_scores(ids)[:, 2:], w * evidence)  # 0: the model before issue 27
 
 
 def test_fit_short_weight_never_lowers_the_validation_mean():
@@ -114,4 +114,5 @@ def test_fit_short_weight_never_lowers_the_validation_mean():
     fill_item_item(ckpt.model, sp.train, ckpt.vocab, 30.0)
     fit = fit_short_weight(ckpt.model, ds, sp, ckpt.encoder_config)
     assert fit["short_weight"] in SHORT_WEIGHTS and fit["val_mean_ndcg10"] >= fit["val_mean_ndcg10_without"]
-    assert ckpt.model.knn_short_weight.item() == fit["short_weight"] and torch.isfinite(ckpt.model.knn_short_weight)
+    short = ckpt.model.item_item_short_weight
+    assert short.item() == fit["short_weight"] and torch.isfinite(short)

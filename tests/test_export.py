@@ -174,16 +174,16 @@ def test_onnx_equals_eager_with_item_scorer_item_bias_and_genre_shares(tmp_path,
     torch.manual_seed(0)
     enc = EncoderConfig(max_len=200)
     mcfg = ModelConfig.for_encoder(
-        enc, TINY_ITEMS, n_categories=5, d_model=16, knn_rank=8, category_share_mix=0.6, history_scorer=scorer
+        enc, TINY_ITEMS, n_categories=5, d_model=16, item_item_rank=8, category_share_mix=0.6, history_scorer=scorer
     )
     model = InterestTransformer(mcfg).eval()
     with torch.no_grad():
-        model.knn_factors.copy_(torch.rand(model.knn_factors.shape))
+        model.item_item_factors.copy_(torch.rand(model.item_item_factors.shape))
         if scorer == "ease":
             model.ease_out.copy_(torch.rand(model.ease_out.shape))
             model.ease_self.copy_(torch.rand(model.ease_self.shape))
-        model.knn_decay.fill_(0.8)
-        model.knn_weight.fill_(5.0)
+        model.item_item_decay.fill_(0.8)
+        model.item_item_weight.fill_(5.0)
         model.item_bias.normal_()
         model.category_hist_weight.normal_()
         model.item_categories.copy_((torch.rand(model.item_categories.shape) < 0.3).float())
@@ -197,8 +197,9 @@ def test_onnx_equals_eager_with_item_scorer_item_bias_and_genre_shares(tmp_path,
     assert_onnx_matches_eager(serving, path, x)
     args = [torch.from_numpy(x[n]) for n in INPUT_NAMES]
     with torch.no_grad():
-        knn = model.knn_scores(args[0])
-    assert knn[0].abs().max() == 0 and torch.allclose(knn[1:].amax(1), torch.ones(len(knn) - 1))  # empty: no NaN
+        evidence = model.item_item_scores(args[0])
+    assert evidence[0].abs().max() == 0  # empty: no NaN
+    assert torch.allclose(evidence[1:].amax(1), torch.ones(len(evidence) - 1))
 
 
 def test_onnx_equals_eager_with_sparse_ease_and_a_serving_length(tmp_path) -> None:
@@ -213,14 +214,15 @@ def test_onnx_equals_eager_with_sparse_ease_and_a_serving_length(tmp_path) -> No
     torch.manual_seed(0)
     enc = EncoderConfig(max_len=200)
     mcfg = ModelConfig.for_encoder(
-        enc, TINY_ITEMS, n_categories=5, d_model=16, knn_rank=8, history_scorer="ease", ease_neighbours=6, serve_len=50
-    )
+        enc, TINY_ITEMS, n_categories=5, d_model=16, item_item_rank=8, history_scorer="ease", ease_neighbours=6,
+        serve_len=50,
+    )  # fmt: skip
     model = InterestTransformer(mcfg).eval()
     with torch.no_grad():
         model.neighbour_items.copy_(torch.randint(2, TINY_ITEMS, model.neighbour_items.shape, dtype=torch.int32))
         model.neighbour_weights.normal_()
-        model.knn_decay.fill_(0.8)
-        model.knn_weight.fill_(5.0)
+        model.item_item_decay.fill_(0.8)
+        model.item_item_weight.fill_(5.0)
         model.item_bias.normal_()
     serving = ServingModel(model, 20)
     path = export_onnx(serving, tmp_path / "model.onnx", enc.max_len)
@@ -230,3 +232,33 @@ def test_onnx_equals_eager_with_sparse_ease_and_a_serving_length(tmp_path) -> No
     x["scenarios"] = np.minimum(x["scenarios"], 1)
     got = assert_onnx_matches_eager(serving, path, x)
     assert got["event_weights"].shape == (201, 200) and (got["event_weights"][:, :-50] == 0).all()
+
+
+def test_a_checkpoint_saved_under_the_old_knn_names_loads_with_equal_outputs(tmp_path) -> None:
+    """The item-item buffers and rank were called knn_* while they held EASE's factors by default (renamed in issue
+    27); a checkpoint saved before (artifacts/model, every learner version) loads into today's model unchanged."""
+    from models.checkpoint import RENAMED_CONFIG, RENAMED_PARAMETERS, Checkpoint, load_checkpoint, save
+    from tests.fixtures.triton import make_tiny_checkpoint
+
+    tiny = make_tiny_checkpoint(max_len=20)
+    meta = {"item_item": {"lam": 30.0, "short_weight": 4.0}, "train_config": {"item_item_rank": 1024, "seed": 0}}
+    save(Checkpoint(tiny.model, tiny.model_config, tiny.encoder_config, tiny.vocab, tiny.categories, None, meta),
+         tmp_path, {"loss": [], "val_ndcg10": []})  # fmt: skip
+    blob = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    to_old = lambda d, names: {({v: k for k, v in names.items()}).get(k, k): v for k, v in d.items()}  # noqa: E731
+    blob["state_dict"] = to_old(blob["state_dict"], RENAMED_PARAMETERS)
+    blob["model_config"] = to_old(blob["model_config"], RENAMED_CONFIG)
+    blob["metadata"] = {"knn": meta["item_item"], "train_config": to_old(meta["train_config"], RENAMED_CONFIG)}
+    assert {"knn_factors", "knn_decay", "knn_weight", "knn_short_weight"} <= set(blob["state_dict"])
+    assert not any(k.startswith("item_item") for k in blob["state_dict"]) and "knn_rank" in blob["model_config"]
+    torch.save(blob, tmp_path / "checkpoint.pt")
+
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.model_config == tiny.model_config and loaded.metadata == meta
+    assert loaded.model.item_item_short_weight.item() == 4.0  # loaded, not left at its zero default
+    for name, want in tiny.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], want, rtol=0, atol=0, msg=name)
+    x = every_length(20, seed=4)
+    for got, want in zip(run_eager(ServingModel(loaded.model, 10), x), run_eager(ServingModel(tiny.model, 10), x),
+                         strict=True):  # fmt: skip
+        np.testing.assert_array_equal(got, want)

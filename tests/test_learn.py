@@ -71,10 +71,10 @@ def test_after_the_refit_a_new_item_is_recommended_from_its_co_occurrences(setup
     the known items that were watched with it, far above the middle of the catalogue."""
     ckpt, known, later = setup
     grown = grow(ckpt, later)
-    rank = grown.model_config.knn_rank
+    rank = grown.model_config.item_item_rank
     grown = refit_item_item(grown, known + later)
-    assert grown.model_config.knn_rank == len(known + later) > rank  # exact EASE for every user seen so far
-    assert grown.model.knn_factors.shape == (len(grown.vocab), len(known + later))
+    assert grown.model_config.item_item_rank == len(known + later) > rank  # exact EASE for every user seen so far
+    assert grown.model.item_item_factors.shape == (len(grown.vocab), len(known + later))
     new = unseen_items(ckpt.vocab, later)
     co = cooccurring(ckpt.vocab, later, new)
     item = max(new, key=lambda i: sum(co[i].values()))
@@ -83,7 +83,7 @@ def test_after_the_refit_a_new_item_is_recommended_from_its_co_occurrences(setup
                    values=known[0].values[:5], fps=known[0].fps[:5], starts=(0,))  # fmt: skip
     ids = torch.from_numpy(encode_batch([hist], grown.vocab, grown.encoder_config)["item_ids"])
     with torch.no_grad():
-        evidence = grown.model.knn_scores(ids)[0].numpy()  # the EASE part of the score (the Transformer is untrained)
+        evidence = grown.model.item_item_scores(ids)[0].numpy()  # the EASE part (the Transformer is untrained)
     evidence[grown.vocab.indices(partners)] = -np.inf  # seen
     rank = int((evidence > evidence[grown.vocab.index(item)]).sum())
     assert rank < len(grown.vocab) // 20
@@ -100,8 +100,8 @@ def test_validation_refuses_a_worse_candidate_and_accepts_an_equal_one(setup):
     with torch.no_grad():
         g = torch.Generator().manual_seed(0)
         worse.model.item_emb.weight.copy_(torch.randn(worse.model.item_emb.weight.shape, generator=g))
-        worse.model.knn_weight.fill_(0.0)
-        worse.model.knn_short_weight.fill_(0.0)
+        worse.model.item_item_weight.fill_(0.0)
+        worse.model.item_item_short_weight.fill_(0.0)
     v = validate(worse, ckpt, inputs, targets, tolerance=0.0)
     assert not v.promote and v.reason == "worse" and v.candidate_ndcg10 < v.serving_ndcg10
     assert validate(worse, ckpt, inputs, targets, tolerance=0.0, z=1.64).reason == "worse"  # far beyond the noise

@@ -109,21 +109,21 @@ def test_in_graph_scorer_ranks_like_its_baseline(movielens, scorer):
     states = movielens.states[:12]
     vocab = Vocabulary(sorted({i for s in states for i in s.items}))
     enc = EncoderConfig(max_len=200)
-    cfg = ModelConfig.for_encoder(enc, len(vocab), n_categories=2, knn_rank=16, d_model=8, history_scorer=scorer)
+    cfg = ModelConfig.for_encoder(enc, len(vocab), n_categories=2, item_item_rank=16, d_model=8, history_scorer=scorer)
     model = InterestTransformer(cfg).eval()
     with torch.no_grad():
         if scorer == "knn":
-            model.knn_factors.copy_(torch.from_numpy(knn_factors(states, vocab, 16)))
+            model.item_item_factors.copy_(torch.from_numpy(knn_factors(states, vocab, 16)))
         else:
             for name, v in zip(
-                ("knn_factors", "ease_out", "ease_self"), ease_factors(states, vocab, 5.0, 16), strict=True
+                ("item_item_factors", "ease_out", "ease_self"), ease_factors(states, vocab, 5.0, 16), strict=True
             ):
                 getattr(model, name).copy_(torch.from_numpy(v))
-        model.knn_decay.fill_(0.9)
+        model.item_item_decay.fill_(0.9)
     inputs = [prefix(s, min(len(s), 150)) for s in states]  # within the window: the same events as ItemKNN sees
     x = torch.from_numpy(encode_batch(inputs, vocab, enc)["item_ids"])
     with torch.no_grad():
-        got = model.knn_scores(x).numpy()
+        got = model.item_item_scores(x).numpy()
     if scorer == "knn":
         want = ItemKNN(states, vocab, decay=0.9).scores(inputs, vocab)
     else:
@@ -149,21 +149,21 @@ def test_ease_neighbours_are_the_largest_weights_of_each_row(movielens):
     factors = ease_factors(states, vocab, 5.0, 16)
     models = []
     for n in (0, len(vocab)):
-        cfg = ModelConfig.for_encoder(EncoderConfig(), len(vocab), n_categories=2, knn_rank=16, d_model=8,
+        cfg = ModelConfig.for_encoder(EncoderConfig(), len(vocab), n_categories=2, item_item_rank=16, d_model=8,
                                       history_scorer="ease", ease_neighbours=n)  # fmt: skip
         model = InterestTransformer(cfg).eval()
         with torch.no_grad():
-            for name, v in zip(("knn_factors", "ease_out", "ease_self"), factors, strict=True):
+            for name, v in zip(("item_item_factors", "ease_out", "ease_self"), factors, strict=True):
                 getattr(model, name).copy_(torch.from_numpy(v))
             if n:
                 cols, vals = ease_neighbours(*factors, n)
                 model.neighbour_items.copy_(torch.from_numpy(cols))
                 model.neighbour_weights.copy_(torch.from_numpy(vals))
-            model.knn_decay.fill_(0.9)
+            model.item_item_decay.fill_(0.9)
         models.append(model)
     x = torch.from_numpy(encode_batch(states, vocab, EncoderConfig())["item_ids"])
     with torch.no_grad():
-        torch.testing.assert_close(models[1].knn_scores(x), models[0].knn_scores(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(models[1].item_item_scores(x), models[0].item_item_scores(x), atol=1e-5, rtol=1e-5)
     a, g, e = factors
     b = a @ g.T + np.diag(e)
     cols, vals = ease_neighbours(*factors, 5)
@@ -189,7 +189,7 @@ def test_an_unknown_item_scorer_is_refused() -> None:
     from models.model import ModelConfig
 
     with pytest.raises(ValueError, match="history_scorer"):
-        ModelConfig(n_items=10, knn_rank=4, history_scorer="cosine")
+        ModelConfig(n_items=10, item_item_rank=4, history_scorer="cosine")
 
 
 @pytest.mark.parametrize("n_items", [None, 20])  # all items (users < items), 20 + OOV (more users: the SVD reduction)
@@ -222,9 +222,9 @@ def test_train_save_load_roundtrip(movielens, tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["data_hash"] == ds.data_hash
-    assert set(metrics["knn"]) == {"val_ndcg10", "weight", "decay", "lam", "short_weight"}
+    assert set(metrics["item_item"]) == {"val_ndcg10", "weight", "decay", "lam", "short_weight"}
     assert 0 <= metrics["test_metrics"]["cat_ndcg5"] <= 1 and "test_metrics_alone" in metrics
-    assert ckpt.model.knn_factors.max() > 0 and ckpt.model.item_categories.sum() > 0  # filled, and saved with it
+    assert ckpt.model.item_item_factors.max() > 0 and ckpt.model.item_categories.sum() > 0  # filled, and saved with it
     loaded = load_checkpoint(tmp_path)
     assert not loaded.model.training and loaded.vocab.items == ds.vocab.items and loaded.categories == ds.categories
     assert (
@@ -274,7 +274,7 @@ def test_train_command_passes_only_the_tuning_options_given(monkeypatch, tmp_pat
 
     def fake_train(cfg, out=None):
         seen.append(cfg)
-        meta = {"epochs": 1, "train_seconds": 0.0, "device": "cpu", "best_val_ndcg10": 0.05, "knn": {}}
+        meta = {"epochs": 1, "train_seconds": 0.0, "device": "cpu", "best_val_ndcg10": 0.05, "item_item": {}}
         return SimpleNamespace(metadata=meta | {"test_metrics": {"ndcg10": 0.04}}), {}
 
     monkeypatch.setattr(models.train, "train", fake_train)
