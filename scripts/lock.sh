@@ -4,6 +4,8 @@
 #   requirements/dev.txt     what scripts/setup.sh, so every clone and CI, installs: the worker's dependencies, the
 #                            extras train (less torch: requirements/torch.txt), local and dev, the build backend
 #   requirements/worker.txt  what the worker image installs (deploy/Dockerfile): a subset, at dev.txt's versions
+#   requirements/learner.txt what the learner image installs besides torch (deploy/Dockerfile, target learner): the
+#                            package's dependencies and the train extra's (torch's own included), at dev.txt's versions
 # Then run `make test`: it installs the new lock, and tests/test_pins.py fails if Faust or aiokafka moved.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +32,7 @@ done
 # it is complete and checked, so a failed run leaves the lock as it was.
 new=$(mktemp -d)
 trap 'rm -rf "$new"' EXIT
-cp requirements/dev.txt requirements/worker.txt "$new/" 2>/dev/null || true
+cp requirements/dev.txt requirements/worker.txt requirements/learner.txt "$new/" 2>/dev/null || true
 "${compile[@]}" pyproject.toml requirements/build.in --extra train --extra local --extra dev \
     -c requirements/torch.txt --no-emit-package torch "${links[@]}" -o "$new/dev.txt"
 if grep -qE '^(triton|nvidia-(cu|nccl|nvjitlink|nvtx|nvshmem)[a-z0-9-]*)==' "$new/dev.txt"; then
@@ -41,5 +43,9 @@ fi
 mv "$new/dev.txt" requirements/dev.txt
 "${compile[@]}" pyproject.toml requirements/build.in -c requirements/dev.txt -o "$new/worker.txt"
 mv "$new/worker.txt" requirements/worker.txt
+"${compile[@]}" pyproject.toml requirements/build.in --extra train -c requirements/dev.txt -c requirements/torch.txt \
+    --no-emit-package torch "${links[@]}" -o "$new/learner.txt"
+mv "$new/learner.txt" requirements/learner.txt
 echo "lock: requirements/dev.txt $(grep -c '^[a-z0-9].*==' requirements/dev.txt) packages," \
-    "requirements/worker.txt $(grep -c '^[a-z0-9].*==' requirements/worker.txt)"
+    "requirements/worker.txt $(grep -c '^[a-z0-9].*==' requirements/worker.txt)," \
+    "requirements/learner.txt $(grep -c '^[a-z0-9].*==' requirements/learner.txt)"

@@ -553,25 +553,85 @@ def test_env_check_catches_a_typo() -> None:
 # The worker image
 
 
+def dockerfile_stages() -> dict[str, str]:
+    """Stage name -> its text (from its FROM line to the next), in the Dockerfile's order."""
+    text = DOCKERFILE.read_text()
+    parts = re.split(r"^(?=FROM\s)", text, flags=re.M | re.I)[1:]
+    return {re.match(r"FROM\s+\S+\s+AS\s+(\S+)", part, re.I)[1]: part for part in parts}
+
+
+def entrypoint(stage: str) -> list[str]:
+    (line,) = re.findall(r"^ENTRYPOINT\s+(.+)$", stage, re.M)
+    return json.loads(line)
+
+
 def test_dockerfile_runs_the_worker_without_torch() -> None:
     text = DOCKERFILE.read_text()
-    stages = re.findall(r"^FROM\s+\S+(?:\s+AS\s+(\S+))?", text, re.M | re.I)
+    stages = dockerfile_stages()
     assert len(stages) >= 2, "multi-stage build expected"
     final = text.split("\nFROM ")[-1]
-    (entrypoint,) = re.findall(r"^ENTRYPOINT\s+(.+)$", final, re.M)
-    assert json.loads(entrypoint) == ["interest-stream-worker"]
+    assert list(stages)[-1] == "worker", "the worker is the default (last) target"
+    assert entrypoint(final) == ["interest-stream-worker"]
     assert not re.search(r"^CMD\s", final, re.M), "a CMD would add arguments to the worker"
     worker_build = text.split(" AS build-tools")[0]
     copied = set(re.findall(r"^COPY\s+(\w+)\s", worker_build, re.M))
     assert copied == {"core", "stream"}, f"the worker image holds the core and the worker only, not {copied}"
     (user,) = re.findall(r"^USER\s+(\S+)", final, re.M)
     assert user.split(":")[0] not in {"root", "0"}
-    installs = re.findall(r"pip install([^\n&]*)", text)
+    # torch only where the learner is built: never in the worker's or the tools' venv
+    torch_free = "".join(v for k, v in stages.items() if k not in {"build-learner", "learner"})
+    installs = re.findall(r"pip install([^\n&]*)", torch_free)
     assert installs and all("torch" not in i and "[" not in i for i in installs), installs
     assert any(re.search(r"(^|\s)\.(\s|$)", i) for i in installs), "the package itself must be installed"
-    assert "torch" in text and "find_spec('torch')" in text, "the build must fail if torch slipped in"
+    assert "torch" in torch_free and "find_spec('torch')" in torch_free, "the build must fail if torch slipped in"
+    assert re.search(r"COPY --from=build /opt/venv", final), "the worker runs the torch-free venv of `build`"
     dockerignore = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", "artifacts", ".git"} <= set(dockerignore)
+
+
+def k8s_images(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """Container name -> image, over every pod template of the rendered manifests."""
+    return {
+        c["name"]: c["image"]
+        for d in docs
+        if "template" in d.get("spec", {})
+        for c in d["spec"]["template"]["spec"]["containers"]
+    }
+
+
+def test_every_image_of_ours_in_the_manifests_is_a_dockerfile_target() -> None:
+    """Our images are named interest-stream-<target> (deploy/Dockerfile's header): the base manifests name only
+    targets that exist, the learner's runs `interest-stream learn` (its args are options only), and every overlay
+    renames the learner's image as it renames the worker's."""
+    stages = dockerfile_stages()
+    base = [doc for f in sorted((K8S / "base").glob("*.yaml")) for doc in yaml.safe_load_all(f.read_text()) if doc]
+    ours = {n: i for n, i in k8s_images(base).items() if i.startswith("interest-stream-")}
+    assert ours == {"worker": WORKER_IMAGE, "learner": "interest-stream-learner"}, ours
+    for image in ours.values():
+        assert image.removeprefix("interest-stream-") in stages, f"{image}: no such target in deploy/Dockerfile"
+    learner = stages["learner"]
+    assert entrypoint(learner) == ["interest-stream", "learn"]
+    assert re.search(r"COPY --from=build-learner /opt/venv", learner)
+    (user,) = re.findall(r"^USER\s+(\S+)", learner, re.M)
+    assert user.split(":")[0] not in {"root", "0"}
+    build = stages["build-learner"]
+    assert build.startswith("FROM build-tools "), "the learner is the tools image plus the training stack"
+    assert "--require-hashes -r requirements/learner.txt" in build and "-r requirements/torch.txt" in build
+    assert "import torch" in build, "the build must fail if torch is not importable"
+    (container,) = [c for d in base if d["kind"] == "Deployment" and d["metadata"]["name"] == "interest-learner"
+                    for c in d["spec"]["template"]["spec"]["containers"]]  # fmt: skip
+    assert "command" not in container and all(a.startswith("--") for a in container["args"]), container["args"]
+    learn_options = {a.split("=")[0] for a in container["args"]}
+    from typer.main import get_command
+
+    from local.cli import app
+
+    learn = get_command(app).commands["learn"]  # type: ignore[attr-defined]
+    assert learn_options <= {o for p in learn.params for o in p.opts}, "options `interest-stream learn` has"
+    for overlay in OVERLAYS:
+        images = k8s_images(kustomize_build(overlay))
+        worker_repo, worker_tag = images["worker"].rsplit(":", 1)
+        assert images["learner"] == f"{worker_repo.removesuffix('/worker')}/learner:{worker_tag}", overlay.name
 
 
 def test_worker_dependencies_do_not_pull_torch() -> None:

@@ -31,6 +31,7 @@ def read_lock(path: Path) -> dict[str, tuple[str, list[str]]]:
 
 
 DEV, WORKER = read_lock(REQ / "dev.txt"), read_lock(REQ / "worker.txt")
+LEARNER = read_lock(REQ / "learner.txt")  # the learner image's, besides torch (deploy/Dockerfile, target learner)
 (TORCH,) = [Requirement(line) for line in (REQ / "torch.txt").read_text().splitlines() if line[:1].isalpha()]
 TORCH_VERSION = next(iter(TORCH.specifier)).version  # torch.txt holds one exact pin
 
@@ -42,8 +43,8 @@ def requirements(*extras: str) -> list[Requirement]:
 
 
 def test_every_locked_package_is_pinned_with_hashes() -> None:
-    assert len(DEV) > 90 and len(WORKER) > 40
-    for lock in (DEV, WORKER):
+    assert len(DEV) > 90 and len(WORKER) > 40 and len(LEARNER) > len(WORKER)
+    for lock in (DEV, WORKER, LEARNER):
         assert all(hashes for _, hashes in lock.values()), [n for n, (_, h) in lock.items() if not h]
         assert all(re.fullmatch(r"[0-9][0-9a-z.+!-]*", v) for v, _ in lock.values())
 
@@ -55,9 +56,22 @@ def test_the_worker_lock_is_the_dev_lock_less_the_tools_and_never_torch() -> Non
     assert not [n for n in DEV if re.match(r"nvidia-(cu|nccl|nvjitlink)", n)], "a CUDA torch's dependencies"
 
 
+def test_the_learner_lock_is_the_dev_lock_for_the_train_extra_less_torch_itself() -> None:
+    """The learner image installs requirements/learner.txt with hashes and then torch by its exact pin: the lock
+    holds the train extra and torch's own dependencies, at dev.txt's versions, and neither torch nor the tools."""
+    assert {n: v for n, (v, _) in LEARNER.items()} == {n: DEV[n][0] for n in LEARNER}, "same versions as dev.txt"
+    assert set(WORKER) <= set(LEARNER) and {"onnx", "onnxruntime", "onnxscript", "matplotlib"} <= set(LEARNER)
+    assert not {"torch", "pytest", "noida-db", "nvidia-pytriton", "atheris"} & set(LEARNER)
+    assert not [n for n in LEARNER if re.match(r"nvidia-|triton$", n)], "a CUDA torch's dependencies"
+    torch_deps = [Requirement(r) for r in metadata.requires("torch") or []]
+    needed = {canonicalize_name(r.name) for r in torch_deps if r.marker is None or r.marker.evaluate({"extra": ""})}
+    assert needed - {"setuptools"} and needed <= set(LEARNER), needed - set(LEARNER)
+
+
 def test_the_locks_satisfy_pyproject() -> None:
     """Edited pyproject.toml without `make lock`: a dependency missing from the lock, or a pin it no longer allows."""
-    for lock, reqs in ((WORKER, requirements()), (DEV, requirements("train", "local", "dev"))):
+    for lock, reqs in ((WORKER, requirements()), (DEV, requirements("train", "local", "dev")),
+                       (LEARNER, requirements("train"))):  # fmt: skip
         for req in reqs:
             name = canonicalize_name(req.name)
             if name == "torch":
@@ -94,6 +108,9 @@ def test_every_install_uses_the_lock() -> None:
     assert "--no-deps --no-build-isolation -e ." in setup
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert "--require-hashes -r requirements/worker.txt" in dockerfile
+    assert "--require-hashes -r requirements/learner.txt" in dockerfile
+    (torch,) = re.findall(r"pip install ([^\n]*)-r requirements/torch\.txt", dockerfile)
+    assert "--no-deps" in torch, "torch's dependencies come hashed, from requirements/learner.txt"
     assert re.findall(r"pip install ([^\n]*) \.", dockerfile) == ["--no-deps --no-build-isolation"] * 2
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^lock:\n\t.*scripts/lock\.sh", makefile, re.M) and "requirements/dev.txt" in makefile
