@@ -34,6 +34,9 @@ def train_command(
         None, help="> 0: also predict items 2..window ahead [default: TrainConfig's]"
     ),
     future_window: int | None = typer.Option(None, help="[default: TrainConfig's]"),
+    crop_weight: float | None = typer.Option(
+        None, help="> 0: also train on 1..3-event histories cut from the windows [default: TrainConfig's]"
+    ),
     serve_len: int | None = typer.Option(None, help="inference reads the newest N events [default: TrainConfig's]"),
     ease_neighbours: int | None = typer.Option(None, help="EASE as top-N neighbours, 0 = dense [TrainConfig's]"),
     device: str = typer.Option("auto", help="auto = cuda when present, else cpu"),
@@ -44,7 +47,7 @@ def train_command(
     from models.train import TrainConfig, train
 
     tuning = {"d_model": d_model, "dropout": dropout, "weight_decay": weight_decay}
-    tuning |= {"future_weight": future_weight, "future_window": future_window}
+    tuning |= {"future_weight": future_weight, "future_window": future_window, "crop_weight": crop_weight}
     tuning |= {"serve_len": serve_len, "ease_neighbours": ease_neighbours}
     overrides = {k: v for k, v in tuning.items() if v is not None}  # unset: the dataclass's defaults, kept in one place
     cfg = TrainConfig(

@@ -61,6 +61,12 @@ class TrainConfig:
     future_weight: float = 0.0  # > 0: each position also predicts the items 2..future_window events ahead
     future_window: int = 10
     category_weight: float = 0.1
+    # Short histories (issue 27): + crop_weight x the next-item loss of crop_count histories of 1..crop_len events
+    # cut out of the batch's windows at random targets (`crop_loss`). Without them a window shows a 1-3 event
+    # context only at its start (a user's first events), never as it is served: the newest event in the last column.
+    crop_weight: float = 0.0
+    crop_count: int = 64
+    crop_len: int = 3
     category_window: int = 10  # the category head predicts the genre shares of this many next items
     scenario_ask: float = 0.5  # data with scenarios: share of positions asked about their next event's scenario
     max_epochs: int = 200
@@ -165,7 +171,39 @@ def loss_fn(model: InterestTransformer, x: dict[str, torch.Tensor], cfg: TrainCo
         loss = F.cross_entropy(logits, torch.zeros_like(tgt))
     if cfg.category_weight > 0 and model.cfg.n_categories > 0:
         loss = loss + cfg.category_weight * category_loss(model, h, items, cfg.category_window)
+    if cfg.crop_weight > 0 and cfg.crop_count > 0:
+        loss = loss + cfg.crop_weight * crop_loss(model, x, cfg.crop_count, cfg.crop_len)
     return loss
+
+
+def crops(x: dict[str, torch.Tensor], rows: torch.Tensor, ends: torch.Tensor, keep: torch.Tensor, width: int):
+    """The `keep[i]` events before column `ends[i]` of row `rows[i]` of the encoded windows `x`, encoded as histories
+    of their own, left-padded to `width` columns: what `encode_batch` gives for those events alone (the first one
+    opens the history, time-gap bucket 1; sessions counted back from the newest; tests/test_coldstart.py)."""
+    cols = ends.unsqueeze(1) - width + torch.arange(width, device=ends.device)  # the `width` columns before the end
+    kept = (cols >= (ends - keep).unsqueeze(1)) & (cols >= 0)
+    out = {name: v[rows.unsqueeze(1), cols.clamp(min=0)] for name, v in x.items()}
+    kept &= out["item_ids"] != PAD
+    out = {name: v.masked_fill(~kept, 0) for name, v in out.items()}
+    first = kept & ~F.pad(kept[:, :-1], (1, 0), value=False)
+    out["time_gaps"] = out["time_gaps"].masked_fill(first, 1)
+    newest = out["session_pos"][:, -1:]
+    out["session_pos"] = (out["session_pos"] - newest).clamp(min=0).masked_fill(~kept, 0)
+    return out
+
+
+def crop_loss(model: InterestTransformer, x: dict[str, torch.Tensor], count: int, max_len: int) -> torch.Tensor:
+    """Next-item cross-entropy of `count` short histories: for a random target event of the batch (one with an
+    event before it), its 1..`max_len` preceding events (uniform) as a history of their own, read out where serving
+    reads: the newest event in the last column."""
+    items = x["item_ids"]
+    candidates = ((items > 1) & F.pad(items[:, :-1] != PAD, (1, 0), value=False)).nonzero()  # [N, 2]: row, column
+    if len(candidates) == 0:
+        return items.new_zeros((), dtype=torch.float32)
+    rows, ends = candidates[torch.randint(len(candidates), (count,), device=items.device)].unbind(1)
+    keep = torch.randint(1, max_len + 1, (count,), device=items.device)
+    h = model.sequence_interests(**crops(x, rows, ends, keep, max_len))[:, -1]
+    return F.cross_entropy(model.item_logits(h) + model.item_mask, items[rows, ends])
 
 
 def scenario_targets(

@@ -116,3 +116,56 @@ def test_fit_short_weight_never_lowers_the_validation_mean():
     assert fit["short_weight"] in SHORT_WEIGHTS and fit["val_mean_ndcg10"] >= fit["val_mean_ndcg10_without"]
     short = ckpt.model.item_item_short_weight
     assert short.item() == fit["short_weight"] and torch.isfinite(short)
+
+
+def test_training_crops_encode_like_the_short_histories_they_stand_for():
+    """`models.train.crops` cuts short histories out of encoded training windows; each must be exactly what the
+    encoder gives for those events alone (a user whose newest k events are all there is), as served."""
+    import torch
+
+    from core.encoding import EncoderConfig, encode_batch
+    from models.data import prefix
+    from models.train import crops
+
+    otto = load_otto()
+    states = [s for s in otto.states if 2 <= len(s) <= 60 and len(s.starts) < 60][:40]
+    enc, width = EncoderConfig(max_len=64), 3
+    x = {k: torch.from_numpy(v) for k, v in encode_batch(states, otto.vocab, enc).items()}
+    rows, ends, keep, want = [], [], [], []
+    for r, s in enumerate(states):
+        for j in range(1, len(s)):  # the target is event j; the crop holds up to k of the events before it
+            for k in (1, 2, 3):
+                rows.append(r)
+                ends.append(enc.max_len - len(s) + j)  # left-padded: event j's column
+                keep.append(k)
+                want.append(newest(prefix(s, j), k))
+    got = crops(x, torch.tensor(rows), torch.tensor(ends), torch.tensor(keep), width)
+    expected = encode_batch(want, otto.vocab, EncoderConfig(max_len=width))
+    assert len(want) > 300 and any(len(w.starts) > 1 for w in want)  # crops across a session boundary too
+    for name, v in expected.items():
+        np.testing.assert_array_equal(got[name].numpy(), v, err_msg=name)
+
+
+def test_the_short_history_loss_trains_the_position_serving_reads_out():
+    """With crop_weight > 0 the loss also covers short histories read out at the newest column, as served; the
+    windows alone never train that position's embedding (their newest event has no target)."""
+    import torch
+
+    from core.encoding import EncoderConfig, encode_batch
+    from models.model import InterestTransformer, ModelConfig
+    from models.train import TrainConfig, loss_fn
+
+    otto = load_otto()
+    states = [s for s in otto.states if len(s) >= 4][:16]
+    enc = EncoderConfig(max_len=32)
+    x = {k: torch.from_numpy(v) for k, v in encode_batch(states, otto.vocab, enc).items()}
+    torch.manual_seed(0)
+    model = InterestTransformer(ModelConfig.for_encoder(enc, len(otto.vocab), n_categories=2, d_model=16)).train()
+    grads = {}
+    for weight in (0.0, 0.5):
+        model.zero_grad()
+        loss = loss_fn(model, x, TrainConfig(crop_weight=weight, category_weight=0.0))
+        loss.backward()
+        assert torch.isfinite(loss)
+        grads[weight] = model.pos_emb.weight.grad[-1].abs().sum().item()
+    assert grads[0.0] == 0.0 and grads[0.5] > 0.0
