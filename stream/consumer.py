@@ -67,7 +67,9 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         a new cluster, under the group's old offsets): read from their start, and reported to Faust as committed
         at 0. aiokafka alone would reset the position to the start, but Faust drops every message below the
         committed offset it was told (`Consumer._drain_messages`), so the new events were never handed to the
-        agent until their offsets passed the old ones (tests/test_worker.py::test_j)."""
+        agent until their offsets passed the old ones (tests/test_worker.py::test_j). A broker that lost the tail
+        of its log (the local one, killed) lands here too: the partition is read again from its start, and the
+        events already folded are recognised as replays by the users' states."""
         held = [tp for tp, offset in committed.items() if tp.topic in self.input_topics and offset]
         if not held:
             return {}
