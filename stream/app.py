@@ -78,7 +78,7 @@ def create_app(settings: Settings, *, on_stage: Callable[[str, int], None] | Non
     model = InterestModel(settings) if settings.triton_url else None
     if model is None:
         log.warning("TRITON_URL is empty: ingest only (state is kept, no interest is published)")
-    table = UserTable(users, changelog=DirectTopic(users.changelog_topic), on_stage=lambda point: step.stage(point))
+    table = UserTable(users, DirectTopic(users.changelog_topic), on_stage=lambda point: step.stage(point))
     output = DirectTopic(output_topic)
     step = BatchStep(settings, table, dlq_topic, output, model, on_stage=on_stage, fence=for_app(app).check)
 

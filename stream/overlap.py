@@ -35,7 +35,7 @@ from core.sessions import Outcome, UserState
 from stream import metrics
 from stream.deadletter import DeadLetters
 from stream.fencing import Fenced, abandon
-from stream.step import BatchStep, HasForget, Inferred, Prepared, Stored
+from stream.step import BatchStep, Folded, HasForget, Inferred, Prepared, Stored
 from stream.tables import UserValue
 
 log = logging.getLogger(__name__)
@@ -71,14 +71,14 @@ class Overlap:
         self.step.started.setdefault(id(batch), time.monotonic())
         try:
             prepared = await self.step.prepare(batch, dead, self.read, forgets=False)
-            self.check(prepared)
+            to_infer = self.step.to_infer(prepared.users)
+            self.check(prepared, {id(u) for u in to_infer})
         except Exception as exc:  # HasForget, NeedsSerial, or a failure the serial path retries or isolates
             if not isinstance(exc, HasForget | NeedsSerial):
                 log.debug("preparing a batch failed (%r): drained and run serially", exc)
             await settle(dead)
             await self.drain()
             return await self.serially(batch, dead, acknowledge)
-        to_infer = self.step.to_infer(prepared.users)
         inferred = {id(u) for u in to_infer}
         for user in prepared.users:
             if id(user) in inferred:
@@ -87,7 +87,7 @@ class Overlap:
                 record = UserValue(b"", user.stored.record if user.stored else None)
                 self.in_flight[user.key] = (id(batch), user.state, record)
         previous = self.tasks[-1] if self.tasks else None
-        self.tasks.append(asyncio.create_task(self.finish(prepared, dead, acknowledge, previous)))
+        self.tasks.append(asyncio.create_task(self.finish(prepared, to_infer, dead, acknowledge, previous)))
 
     def read(self, partition: int, key: bytes) -> Stored:
         """A user's state: the newest one in flight, else the table's."""
@@ -96,11 +96,10 @@ class Overlap:
             return stored, state
         return self.step.read(partition, key)
 
-    def check(self, prepared: Prepared) -> None:
+    def check(self, prepared: Prepared, inferred: set[int]) -> None:
         """A user folded on a state whose record is still being inferred has no stored record to keep or send
-        again: it must get a new one, and have no replays (a replay republishes the stored record)."""
-        to_infer = self.step.to_infer(prepared.users)
-        inferred = {id(u) for u in to_infer}
+        again: it must get a new one (be in `inferred`, ids of `to_infer`'s users), and have no replays (a replay
+        republishes the stored record)."""
         for user in prepared.users:
             pending = self.in_flight.get(user.key)
             if (
@@ -111,15 +110,19 @@ class Overlap:
                 raise NeedsSerial()
 
     async def finish(
-        self, prepared: Prepared, dead: DeadLetters, acknowledge: Acknowledge, previous: asyncio.Task[bool] | None
+        self,
+        prepared: Prepared,
+        to_infer: list[Folded],
+        dead: DeadLetters,
+        acknowledge: Acknowledge,
+        previous: asyncio.Task[bool] | None,
     ) -> bool:
-        """Infer now; write, send and acknowledge once `previous` finished. Returns whether it finished as prepared
-        (False: redone serially, or abandoned, so batches folded on top of it are redone too)."""
+        """Infer `to_infer` now; write, send and acknowledge once `previous` finished. Returns whether it finished
+        as prepared (False: redone serially, or abandoned, so batches folded on top of it are redone too)."""
         batch, me = prepared.batch, id(prepared.batch)
         inference: asyncio.Task[Inferred] | None = None
         as_prepared = False
         try:
-            to_infer = self.step.to_infer(prepared.users)
             if to_infer:
                 inference = asyncio.create_task(self.step.infer(to_infer))
             if previous is not None and not await previous:

@@ -30,6 +30,8 @@ import msgspec
 import rocksdict
 from faust.types import TP
 
+from stream.sending import DirectTopic
+
 TABLE = "user_state"
 VALUE_FORMAT = 2  # [2, state, record]; format 1 was a bare state (core.sessions), read as a state without record
 
@@ -85,16 +87,10 @@ class UserTable:
     event). `on_stage("after_changelog")` runs between the changelog acks and the RocksDB write (fault tests)."""
 
     def __init__(
-        self,
-        table: faust.Table,
-        *,
-        changelog: Any = None,
-        on_stage: Callable[[str], None] = lambda point: None,
+        self, table: faust.Table, changelog: DirectTopic, *, on_stage: Callable[[str], None] = lambda point: None
     ) -> None:
-        """`changelog`: what sends to the table's changelog topic (`stream.sending.DirectTopic` in the worker;
-        the table's own `changelog_topic` when None)."""
-        self.table, self.on_stage = table, on_stage
-        self.changelog = table.changelog_topic if changelog is None else changelog
+        """`changelog`: the sender of the table's changelog topic (`DirectTopic(table.changelog_topic)`)."""
+        self.table, self.changelog, self.on_stage = table, changelog, on_stage
 
     def _db(self, partition: int) -> Any:
         return self.table.data._db_for_partition(partition)  # type: ignore[attr-defined]

@@ -51,7 +51,7 @@ def make_table(tmp_path: Path) -> tuple[UserTable, FakeChangelog, dict[int, Any]
     faust_table = SimpleNamespace(
         changelog_topic=changelog, data=SimpleNamespace(_db_for_partition=db_for, offset_key=OFFSET_KEY)
     )
-    return UserTable(faust_table, on_stage=stages.append), changelog, dbs, stages  # type: ignore[arg-type]
+    return UserTable(faust_table, changelog, on_stage=stages.append), changelog, dbs, stages  # type: ignore[arg-type]
 
 
 def value(events: int, record: bytes | None = b'{"seq":1}') -> UserValue:
