@@ -23,6 +23,8 @@ class Snapshot:
     batches: float = 0.0  # inference requests
     sequences: float = 0.0  # sequences in them
     batch_failures: float = 0.0
+    fence_checks: float = 0.0  # ownership checks before writes and sends (stream/fencing.py)
+    fence_seconds: float = 0.0  # their summed wall time
 
     @classmethod
     def scrape(cls, metrics_url: str) -> Snapshot:
@@ -51,6 +53,10 @@ class Snapshot:
                     snap.sequences = s.value
                 elif s.name == "interest_batch_failures_total":
                     snap.batch_failures = s.value
+                elif s.name == "interest_fence_check_seconds_count":
+                    snap.fence_checks = s.value
+                elif s.name == "interest_fence_check_seconds_sum":
+                    snap.fence_seconds = s.value
                 elif s.name == "interest_event_to_output_seconds_bucket":
                     buckets.append((float(s.labels["le"]), s.value))
         snap.latency_buckets = tuple(sorted(buckets))

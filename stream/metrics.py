@@ -56,6 +56,12 @@ BATCHES_FENCED = Counter(
     "interest_batches_fenced_total",
     "Batches abandoned because this worker no longer owned their partitions (a rebalance it slept through).",
 )
+FENCE_CHECK_SECONDS = Histogram(
+    "interest_fence_check_seconds",
+    "Wall time of one ownership check before a write or send (mostly the Heartbeat round trip to the group"
+    " coordinator; two per batch).",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5),
+)
 MESSAGES_ISOLATED = Counter(
     "interest_messages_isolated_total",
     "Messages that failed the batch step on their own and were dead-lettered with reason internal.",

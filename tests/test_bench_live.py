@@ -45,6 +45,8 @@ def test_bench_live_tiny_run(tiny_export: Any, tmp_path: Path, envelope: int) ->
     assert 0 <= result["idle_worker_core"] < 0.2  # behind the shim (0.03 measured); without it ~0.7
     assert result["idle_worker_core_no_longpoll"] > result["idle_worker_core"]
     assert result["longpoll_ms"] == longpoll.DEFAULT_MAX_WAIT_MS
+    # the fence's cost, from the worker's own histogram: two coordinator round trips per batch, a part of its time
+    assert result["fence_ms_at_capacity"] > 0 and 0 < result["fence_share_at_capacity"] < 1
     assert "100.0%" in output  # the per-rate table: everything served
     assert (work / "live-capacity.png").stat().st_size > 0
     assert result.get("envelope", 1) == envelope

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 from faust.types import TP
+from prometheus_client import REGISTRY
 
 from stream.fencing import Fence, Fenced, Membership
 from tests.test_batch_step import WRITES, FakeModel, make_step, message
@@ -37,6 +38,18 @@ def check(f: Fence, *messages: Msg) -> None:
 
 def test_a_member_of_the_current_generation_owning_the_partitions_passes() -> None:
     check(fence([Membership.MEMBER]), Msg("events", 0, 3), Msg("events", 1, 3))
+
+
+def test_every_check_is_timed_passed_or_fenced_and_an_empty_batch_asks_nothing() -> None:
+    def checks() -> float:
+        return REGISTRY.get_sample_value("interest_fence_check_seconds_count") or 0.0
+
+    before = checks()
+    check(fence([Membership.MEMBER]), Msg("events", 0, 3))
+    with pytest.raises(Fenced):
+        check(fence([Membership.GONE]), Msg("events", 0, 3))
+    check(fence([]), *[])  # no message: no coordinator round trip (the fence would raise StopIteration)
+    assert checks() - before == 2
 
 
 def test_a_rebalance_waiting_for_this_member_is_still_ownership_and_no_answer_is_asked_again() -> None:

@@ -39,6 +39,7 @@ from local import longpoll
 from local.bench.noop import Cost, idle_core, saturation_cost
 from local.pipeline import LocalPipeline
 from local.process import process_tree_cpu_s
+from local.scrape import Snapshot
 from stream.settings import Settings
 
 DEFAULT_RATES = (100.0, 250.0, 500.0, 1000.0, 2000.0)
@@ -68,6 +69,8 @@ class RateResult:
     triton_core: float
     broker_core: float
     stopped_early: bool
+    fence_ms: float = math.nan  # mean wall time of one ownership check (interest_fence_check_seconds)
+    fence_share: float = math.nan  # the worker's wall time spent in them (2 per batch, in the batch's path)
 
     @property
     def served_share(self) -> float:
@@ -100,7 +103,9 @@ class LiveResult:
             f"RESULT live_capacity_eps={cap.rate if cap else 0:.0f} "
             f"p99_ms_at_capacity={cap.p99_ms if cap else math.nan:.1f} worker_vs_faust_noop={self.cost.ratio:.2f} "
             f"idle_worker_core={self.idle_core:.3f} idle_worker_core_no_longpoll={self.idle_core_no_longpoll:.3f} "
-            f"longpoll_ms={self.longpoll_ms or 0:g}"
+            f"longpoll_ms={self.longpoll_ms or 0:g} "
+            f"fence_ms_at_capacity={cap.fence_ms if cap else math.nan:.2f} "
+            f"fence_share_at_capacity={cap.fence_share if cap else math.nan:.3f}"
             + (f" envelope={self.envelope}" if self.envelope > 1 else "")
             + (f" in_flight={self.in_flight}" if self.in_flight else "")
         )
@@ -173,9 +178,17 @@ class Sweep:
     """The paced producer and the downstream reader on one event loop."""
 
     def __init__(
-        self, settings: Settings, traffic: Traffic, pids: dict[str, int], *, give_up_s: float, envelope: int = 1
+        self,
+        settings: Settings,
+        traffic: Traffic,
+        pids: dict[str, int],
+        *,
+        give_up_s: float,
+        envelope: int = 1,
+        metrics_url: str | None = None,
     ) -> None:
         self.settings, self.traffic, self.pids, self.give_up_s = settings, traffic, pids, give_up_s
+        self.metrics_url = metrics_url  # the worker's: the fence's cost per rate
         self.envelope = max(1, envelope)
         self.ledger = Ledger(window_start_ms=0)
         self._stop_reader = asyncio.Event()
@@ -236,6 +249,7 @@ class Sweep:
 
         topic, total, size = self.settings.topic_events, max(1, round(rate * seconds)), self.envelope
         draws = self.traffic.draw(total)
+        snap0 = await self._scrape()
         cpu0 = {name: process_tree_cpu_s(pid) for name, pid in self.pids.items()}
         start_wall, start = time.time(), time.monotonic()
         ledger = self.ledger = Ledger(window_start_ms=int(start_wall * 1000))
@@ -268,15 +282,25 @@ class Sweep:
         deadline = time.monotonic() + drain_s
         while not stopped and ledger.served < ledger.sent and time.monotonic() < deadline and not self._late():
             await asyncio.sleep(0.05)
+        snap1 = await self._scrape()
         events = sorted(ledger.event_ms) + [math.inf] * (ledger.sent - ledger.served)
         core = {name: (cpu1[name] - cpu0[name]) / sent_s for name in self.pids}
+        fence_s, checks = snap1.fence_seconds - snap0.fence_seconds, snap1.fence_checks - snap0.fence_checks
         return RateResult(
             rate=rate, seconds=sent_s, sent=ledger.sent, served=ledger.served, records=len(ledger.record_ms),
             p50_ms=_pct(ledger.record_ms, 50), p95_ms=_pct(ledger.record_ms, 95), p99_ms=_pct(ledger.record_ms, 99),
             p99_event_ms=events[min(len(events) - 1, int(0.99 * len(events)))] if events else math.nan,
             worker_core=core.get("worker0", 0.0), triton_core=core.get("triton", 0.0),
             broker_core=core.get("broker", 0.0), stopped_early=stopped,
+            fence_ms=1000 * fence_s / checks if checks else math.nan,
+            fence_share=fence_s / (snap1.at - snap0.at) if self.metrics_url else math.nan,
         )  # fmt: skip
+
+    async def _scrape(self) -> Snapshot:
+        """The worker's counters now (an empty snapshot without a metrics URL); off the event loop."""
+        if self.metrics_url is None:
+            return Snapshot(at=time.monotonic())
+        return await asyncio.to_thread(Snapshot.scrape, self.metrics_url)
 
 
 def run(
@@ -325,7 +349,9 @@ def run(
         pids = {k: v for k, v in pipe.pids.items() if k in ("broker", "triton", "worker0")}
         reader_shim = not longpoll.installed() and longpoll.install(READER_LONGPOLL_MS)
         try:
-            sweep = Sweep(pipe.settings, traffic, pids, give_up_s=give_up_s, envelope=envelope)
+            sweep = Sweep(
+                pipe.settings, traffic, pids, give_up_s=give_up_s, envelope=envelope, metrics_url=pipe.metrics_url
+            )
             results = run_sync(sweep.run(list(rates), seconds, drain_s, warmup_s, log))
             # With envelopes the pre-filled topic has fewer users, so that most messages hold `envelope` events (at
             # 10,000 users a 20,000-event topic would give each user two events: envelopes of two).
@@ -383,13 +409,15 @@ def print_result(result: LiveResult) -> None:
     table = Table(
         title=f"live: {result.users:,} users, {sent_as}, SLO p99 ≤ {result.slo_ms:g} ms, {_shim(result.longpoll_ms)}"
     )
-    for name in ("offered ev/s", "p50 ms", "p95 ms", "p99 ms", "p99/event ms", "served", "cores worker/Triton/broker"):
+    columns = ("offered ev/s", "p50 ms", "p95 ms", "p99 ms", "p99/event ms", "served", "cores worker/Triton/broker",
+               "fence ms (share)")  # fmt: skip
+    for name in columns:
         table.add_column(name, justify="right")
     for r in result.rates:
         served = f"{r.served_share:.1%}" + (" stopped" if r.stopped_early else "")
         cores = f"{r.worker_core:.2f} / {r.triton_core:.2f} / {r.broker_core:.2f}"
         row = (f"{r.rate:,.0f}", f"{r.p50_ms:,.0f}", f"{r.p95_ms:,.0f}", f"{r.p99_ms:,.0f}", f"{r.p99_event_ms:,.0f}")
-        table.add_row(*row, served, cores)
+        table.add_row(*row, served, cores, f"{r.fence_ms:.2f} ({r.fence_share:.1%})")
     console = Console()
     console.print(table)
     c = result.cost
