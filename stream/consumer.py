@@ -1,5 +1,7 @@
-"""Faust's Kafka consumer, with one fix: after every rebalance each events partition is read again from the
-group's committed offset, also when that offset is 0 or there is none yet.
+"""Faust's Kafka consumer, with two fixes: after every rebalance each events partition is read again from the
+group's committed offset, also when that offset is 0 or there is none yet; and an events partition whose log went
+back under the running worker (the topic recreated) is read again from its start, not silently skipped
+(`Consumer`, below).
 
 Why (issue 25, the post-restore stall and the events lost after it): at a rebalance, and while a restore runs,
 Faust drops the messages it has fetched but not yet handed to the agent (`Stream` skips a message whose
@@ -24,7 +26,8 @@ documented place for a consumer class.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import aiokafka.errors as kafka_errors
@@ -33,7 +36,7 @@ from aiokafka.protocol.group import HeartbeatRequest
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
-from stream import pins
+from stream import metrics, pins
 from stream.fencing import Membership
 
 log = logging.getLogger(__name__)
@@ -104,14 +107,57 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         return Membership.UNKNOWN  # coordinator moving or not ready: aiokafka's heartbeat finds it again
 
 
+class InputWentBack(RuntimeError):
+    """An events partition's log went back under the running worker: it restarts to read it from the start."""
+
+
+class Consumer(faust_aiokafka.Consumer):
+    """Faust's consumer with `ConsumerThread`, and one more check on the messages it fetches.
+
+    A message of an events partition below the offset Faust already read there means the log went back under
+    the running worker: the topic was deleted and recreated (or its log truncated), and aiokafka, finding its
+    position out of range, reset it to the start. Faust would drop every such message (`_drain_messages` hands
+    out only offsets at or above the read offset) until the new offsets passed the old ones: events lost with
+    nothing said (found by the test of a topic recreated under a running worker, tests/test_worker.py). Reset
+    in place, Faust's commit bookkeeping would mix the two logs' offsets, so the worker instead commits the
+    partition at 0, refuses any later commit of it in this process, logs an error and stops with a crash. Its
+    supervisor (the StatefulSet, or an operator) starts it again, and the new start reads the partition from 0:
+    the new log's events are applied (their users' offset witnesses restart: core/sessions.py), the old log's
+    already folded ones never come again. Nothing of the partition was committed past what was folded."""
+
+    input_topics: frozenset[str] = frozenset()
+
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        thread = type("ConsumerThread", (ConsumerThread,), {"input_topics": self.input_topics})
+        return thread(self, loop=self.loop, beacon=self.beacon)
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Any]]:
+        read_offsets = self._read_offset
+        async for tp, message in super().getmany(timeout):
+            if tp.topic in self.input_topics and (read := read_offsets.get(tp)) is not None and message.offset < read:
+                await self._went_back(tp, message.offset, read)
+                continue
+            yield tp, message
+
+    async def _went_back(self, tp: TP, offset: int, read: int) -> None:
+        if self._committed_offset.get(tp) == _NEVER:
+            return  # already handled; the worker is stopping
+        self._committed_offset[tp] = _NEVER  # Faust commits only offsets above it: nothing more of tp here
+        why = (
+            f"events partition {tp.partition}: offset {offset} fetched after offset {read} was read (the topic was "
+            "recreated or its log truncated); committed at 0, the worker restarts to read it from the start"
+        )
+        log.error(why)
+        metrics.INPUT_WENT_BACK.inc()
+        await self._thread.commit({tp: 0})
+        await self.crash(InputWentBack(why))
+
+
+_NEVER = sys.maxsize  # a committed offset no real one exceeds
+
+
 def install(app: faust.App, input_topics: Iterable[str]) -> None:
     """Make `app` use this consumer for `input_topics` (before its consumer is created); `pins.UnsupportedRelease`
     on a Faust or aiokafka this was not written for."""
     pins.require("faust", "aiokafka")
-    thread = type("ConsumerThread", (ConsumerThread,), {"input_topics": frozenset(input_topics)})
-
-    class Consumer(faust_aiokafka.Consumer):
-        def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
-            return thread(self, loop=self.loop, beacon=self.beacon)
-
-    app.transport.Consumer = Consumer  # type: ignore[misc]
+    app.transport.Consumer = type("Consumer", (Consumer,), {"input_topics": frozenset(input_topics)})  # type: ignore[misc]

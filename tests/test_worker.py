@@ -514,8 +514,6 @@ def test_j_a_recreated_input_topic_is_detected_and_its_new_events_applied(
     """Ops recreate the events topic (or mirror it to a new cluster) while the workers' changelogs and the group's
     committed offsets stay: offsets restart at 0, below every state's replay witness. The new events are newer than
     anything folded and were never seen, so they are applied, not swallowed as replays, and the worker says so."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
     settings = make_settings(tables=(TABLE,), topic_partitions=2)
     before = synthetic_events(50, 600, seed=41)
     later = synthetic_events(50, 200, seed=42, start_ms=max(e.timestamp for e in before) + 86_400_000)
@@ -525,17 +523,7 @@ def test_j_a_recreated_input_topic_is_detected_and_its_new_events_applied(
     run_sync(publish(settings, in_envelopes(before, 1), progress=False))
     process_all(settings, [first], expected_states(before, settings))
     stop_cleanly(first)
-
-    async def recreate() -> None:
-        admin = AIOKafkaAdminClient(**settings.kafka_client_kwargs())
-        await admin.start()
-        try:
-            await admin.delete_topics([settings.topic_events])
-            await admin.create_topics([NewTopic(settings.topic_events, settings.topic_partitions, 1)])
-        finally:
-            await admin.close()
-
-    run_sync(recreate())
+    run_sync(recreate_topic(settings))
     run_sync(publish(settings, in_envelopes(after, 1), progress=False))
     expected = expected_states([*before, *after], settings)
     second = start_worker(settings, name="second")
@@ -546,3 +534,46 @@ def test_j_a_recreated_input_topic_is_detected_and_its_new_events_applied(
     assert_states(merge_partitions(read_rocksdb(settings.state_dir)), expected, "RocksDB after the recreation")
     assert restarted > 0, "the restart of the offsets is reported (interest_input_offsets_restarted_total)"
     assert read_topic(settings, settings.topic_dlq) == [], "no valid event dead-lettered"
+
+
+def test_k_a_topic_recreated_under_a_running_worker_restarts_it_and_loses_nothing(
+    make_settings: Callable[..., Settings], start_worker: Callable[..., Worker]
+) -> None:
+    """The same recreation while the worker runs. aiokafka finds its position out of range and resets it to the
+    start; Faust alone then dropped every new event below the old read offset, saying nothing (the changelog
+    never got them). The worker now sees the log go back, commits the partition at 0 and stops with an error;
+    started again, as its supervisor does, it applies the new events (stream/consumer.py)."""
+    settings = make_settings(tables=(TABLE,), topic_partitions=2)
+    before = synthetic_events(50, 600, seed=43)
+    later = synthetic_events(50, 200, seed=44, start_ms=max(e.timestamp for e in before) + 86_400_000)
+    after = [msgspec.structs.replace(e, event_id=f"{e.event_id}-new") for e in later]
+    first = start_worker(settings, name="first")
+    run_sync(publish(settings, in_envelopes(before, 1), progress=False))
+    process_all(settings, [first], expected_states(before, settings))
+    run_sync(recreate_topic(settings))
+    run_sync(publish(settings, in_envelopes(after, 1), progress=False))
+    wait_for(lambda: not first.alive, 300, "the worker to stop on seeing its events log go back")
+    assert "fetched after offset" in first.log_text(), first.log_tail()
+    assert first.process is not None and first.process.returncode != 0, "it stops as a crash, for its supervisor"
+    expected = expected_states([*before, *after], settings)
+    second = start_worker(settings, name="second")
+    wait_for(changelog_complete(settings, expected), 300, "the changelog to hold the new events", 1.0)
+    restarted = second.metric("interest_input_offsets_restarted_total")
+    assert_healthy(second)
+    stop_cleanly(second)
+    assert_states(merge_partitions(read_rocksdb(settings.state_dir)), expected, "RocksDB after the recreation")
+    assert restarted > 0, "the restart of the offsets is reported (interest_input_offsets_restarted_total)"
+    assert read_topic(settings, settings.topic_dlq) == [], "no valid event dead-lettered"
+
+
+async def recreate_topic(settings: Settings) -> None:
+    """Delete the events topic and create it again with the same partitions (its offsets start at 0)."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(**settings.kafka_client_kwargs())
+    await admin.start()
+    try:
+        await admin.delete_topics([settings.topic_events])
+        await admin.create_topics([NewTopic(settings.topic_events, settings.topic_partitions, 1)])
+    finally:
+        await admin.close()
