@@ -490,6 +490,105 @@ def test_k8s_workers_match_topics_and_keep_secrets_out(overlay: Path) -> None:
         assert "secretKeyRef" in env["KAFKA_SASL_PASSWORD"]["valueFrom"]
 
 
+def learner_containers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trainer's containers: those of the Deployment interest-learner (deploy/k8s/base/learner.yaml)."""
+    return [
+        c
+        for d in docs
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "interest-learner"
+        for c in d["spec"]["template"]["spec"]["containers"]
+    ]
+
+
+def acl_allows(user: dict[str, Any], kind: str, name: str, operation: str) -> bool:
+    """Whether a Strimzi KafkaUser's simple ACLs allow `operation` on the resource (literal or prefix match)."""
+    for acl in user["spec"]["authorization"]["acls"]:
+        resource = acl["resource"]
+        if resource["type"] != kind or acl.get("type", "allow") != "allow":
+            continue
+        matches = (
+            name.startswith(resource["name"]) if resource.get("patternType") == "prefix" else name == resource["name"]
+        )
+        if matches and (operation in acl["operations"] or "All" in acl["operations"]):
+            return True
+    return False
+
+
+def kafka_identity(docs: list[dict[str, Any]], env: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The KafkaUser whose Secret holds a container's SASL password (Strimzi names the Secret after the user)."""
+    ref = env["KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    users = {d["metadata"]["name"]: d for d in docs if d["kind"] == "KafkaUser"}
+    assert ref["name"] in users, f"no KafkaUser makes the Secret {ref['name']}"
+    assert ref["key"] == "password"
+    user = users[ref["name"]]
+    assert env["KAFKA_SASL_USERNAME"]["value"] == user["metadata"]["name"]
+    assert user["spec"]["authentication"]["type"] == "scram-sha-512"
+    return user
+
+
+def check_learner_kafka(docs: list[dict[str, Any]], secured: bool) -> None:
+    """The trainer reads the workers' events topic (its own group): same brokers and transport security, its
+    password from a Secret, a mounted CA file, and a Kafka identity whose ACLs let it read topic and group.
+    `secured`: the overlay must use SASL_SSL (prod)."""
+    from local.learner import LearnerConfig
+
+    (worker,) = worker_containers(docs)
+    (learner,) = learner_containers(docs)
+    worker_env = {e["name"]: e for e in worker["env"]}
+    env = {e["name"]: e for e in learner["env"]}
+    values = {k: e.get("value", "<secret>") for k, e in env.items()}
+    assert env_problems(values) == [], f"learner: {env_problems(values)}"
+    for name, entry in env.items():
+        if re.search(r"PASSWORD|SECRET|TOKEN", name):
+            assert "secretKeyRef" in entry.get("valueFrom", {}), f"{name} must come from a Secret"
+
+    def connection(env: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        own = {"KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD"}  # each its own identity
+        return {k: e.get("value") for k, e in env.items() if k.startswith(("KAFKA_", "TOPIC_EVENTS")) and k not in own}
+
+    assert connection(env) == connection(worker_env), "the trainer must reach Kafka as the workers do"
+    settings = Settings(_env_file=None, **{k.lower(): v for k, v in values.items() if v != "<secret>"})
+    mounts = {m["mountPath"] for m in learner.get("volumeMounts", [])}
+    for path in (settings.kafka_ssl_cafile, settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile):
+        if path is not None:
+            assert any(str(path).startswith(m + "/") for m in mounts), f"{path} is not a mounted file"
+    if secured:
+        assert settings.kafka_security_protocol == "SASL_SSL" and settings.kafka_ssl_cafile is not None
+    if settings.kafka_security_protocol.startswith("SASL"):
+        user = kafka_identity(docs, env)
+        assert acl_allows(user, "topic", settings.topic_events, "Read")
+        assert acl_allows(user, "group", LearnerConfig().group_id, "Read")
+        assert not any(acl_allows(user, "topic", t, "Write") for t in (settings.topic_events, settings.topic_output))
+        worker_user = kafka_identity(docs, worker_env)
+        assert acl_allows(worker_user, "topic", settings.topic_events, "Read")
+        assert acl_allows(worker_user, "group", settings.app_id, "Read")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_k8s_learner_reads_kafka_as_the_workers_do(overlay: Path) -> None:
+    check_learner_kafka(kustomize_build(overlay), secured=overlay.name == "prod")
+
+
+def test_k8s_learner_check_can_fail() -> None:
+    """The check above refuses the prod trainer without its SASL patch, or with an identity that may not use its
+    consumer group."""
+    docs = kustomize_build(K8S / "overlays" / "prod")
+    base = [doc for doc in yaml.safe_load_all((K8S / "base" / "learner.yaml").read_text()) if doc]
+    (unpatched,) = learner_containers(base)
+    (learner,) = learner_containers(docs)
+    learner_env = learner["env"]
+    learner["env"] = unpatched["env"]
+    with pytest.raises(AssertionError, match="as the workers do"):
+        check_learner_kafka(docs, secured=True)
+    learner["env"] = learner_env
+    check_learner_kafka(docs, secured=True)
+    (user,) = [d for d in docs if d["kind"] == "KafkaUser" and d["metadata"]["name"] == "interest-learner"]
+    user["spec"]["authorization"]["acls"] = [a for a in user["spec"]["authorization"]["acls"]
+                                             if a["resource"]["type"] != "group"]  # fmt: skip
+    with pytest.raises(AssertionError):
+        check_learner_kafka(docs, secured=True)
+
+
 def adapter_metric_names() -> set[str]:
     rules = yaml.safe_load((K8S / "prometheus-adapter" / "rules.yaml").read_text())["rules"]["custom"]
     return {r["name"]["as"] for r in rules}
