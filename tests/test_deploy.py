@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -335,6 +336,11 @@ def compose_config(*files: Path, tmp: Path = ROOT / ".pytest_cache") -> dict[str
     return yaml.safe_load(run(*args, "config").stdout)
 
 
+def compose_workers(services: dict[str, Any]) -> list[str]:
+    """The worker services: built from the Dockerfile's default (last) target, the worker."""
+    return [n for n, s in services.items() if "build" in s and s["build"].get("target", "worker") == "worker"]
+
+
 def is_worker_image(service: dict[str, Any]) -> bool:
     return "build" in service or str(service.get("image", "")).startswith(WORKER_IMAGE)
 
@@ -342,7 +348,7 @@ def is_worker_image(service: dict[str, Any]) -> bool:
 def test_compose_stack() -> None:
     services = compose_config(COMPOSE)["services"]
     assert {"kafka", "topic-init", "triton", "producer", "prometheus", "grafana"} <= set(services)
-    workers = [n for n, s in services.items() if "build" in s and s["build"].get("target") != "tools"]
+    workers = compose_workers(services)
     assert len(workers) >= 1
     assert services["kafka"]["image"].startswith("apache/kafka:")
     assert "broker,controller" in str(services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"])
@@ -380,10 +386,116 @@ def test_compose_cpu_override() -> None:
     twin = f"./{twin_dir_for(Path('artifacts/model_repository'))}:/models:ro"
     assert "interest-stream export --out artifacts/model_repository" in (ROOT / "docs" / "operations.md").read_text()
     assert any(v.endswith(twin.removeprefix(".")) for v in cpu["volumes"]), (twin, cpu["volumes"])
-    for name, service in services.items():
-        if "build" in service and service["build"].get("target") != "tools":
+    for name in [*compose_workers(services), "learner"]:
+        service = services[name]
+        if name != "learner":  # the trainer writes both repositories from the one artifacts/ mount
             assert any(v.endswith(twin.removeprefix(".")) for v in service["volumes"]), name
-            assert "triton" not in service["depends_on"], f"{name} cannot depend on the parked GPU server"
+        assert "triton" not in service["depends_on"], f"{name} cannot depend on the parked GPU server"
+    check_compose_learner(services)
+
+
+def learn_cli_options() -> set[str]:
+    """The options `interest-stream learn` takes (local/cli.py)."""
+    from typer.main import get_command
+
+    from local.cli import app
+
+    learn = get_command(app).commands["learn"]  # type: ignore[attr-defined]
+    return {o for p in learn.params for o in p.opts}
+
+
+def host_path(service: dict[str, Any], path: str, writable: bool) -> Path | None:
+    """The host path a container path of a compose service lies on (bind mounts), or None."""
+    for volume in service.get("volumes", []):
+        source, target, *mode = volume.split(":")
+        if not source.startswith("/") or (writable and mode == ["ro"]):
+            continue
+        if path == target or path.startswith(target.rstrip("/") + "/"):
+            return Path(source) / Path(path).relative_to(target)
+    return None
+
+
+def network_names(services: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services that start by default (no profile), by every name they answer to: theirs and their aliases."""
+    running = {n: s for n, s in services.items() if not s.get("profiles")}
+    aliases = {a: s for s in running.values() for a in s.get("networks", {}).get("default", {}).get("aliases", [])}
+    return running | aliases
+
+
+def container_ports(service: dict[str, Any]) -> set[int]:
+    return {int(p["target"]) for p in service.get("ports", [])} | {int(p) for p in service.get("expose", [])}
+
+
+def check_compose_learner(services: dict[str, Any]) -> None:
+    """The trainer: the Dockerfile's learner target, options `interest-stream learn` has, the workers' Kafka
+    settings, writing into the very repository Triton serves (the twin where the CPU twin serves), loading through
+    Triton's HTTP port, metrics where Prometheus scrapes, and CPU bounded below the other services."""
+    learner = services["learner"]
+    assert learner["build"]["target"] == "learner" and "learner" in dockerfile_stages()
+    assert learner["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert learner["image"].startswith("interest-stream-learner")
+    assert "entrypoint" not in learner, "the image's entry point is `interest-stream learn`"
+    args = dict(a.removeprefix("--").split("=", 1) for a in learner["command"])
+    assert all(a.startswith("--") for a in learner["command"])
+    assert {f"--{k}" for k in args} <= learn_cli_options()
+    (worker, *_) = compose_workers(services)
+    for name in ("KAFKA_BOOTSTRAP_SERVERS", "TOPIC_EVENTS"):
+        assert learner["environment"][name] == services[worker]["environment"][name], name
+    assert env_problems(dict(learner["environment"])) == []
+    assert learner["depends_on"]["topic-init"]["condition"] == "service_completed_successfully"
+    # The shared model repository: Triton's /models is where the trainer writes its versions.
+    repo = host_path(learner, args["repo"], writable=True)
+    assert repo is not None, f"--repo={args['repo']} is not on a writable mount"
+    for option in ("checkpoint", "state-dir"):
+        assert host_path(learner, args[option], writable=option == "state-dir"), f"--{option} is not mounted"
+    triton = network_names(services)["triton"]
+    served = host_path(triton, "/models", writable=False)
+    assert served in {repo, twin_dir_for(repo)}, (served, repo)
+    assert served == (twin_dir_for(repo) if "triton-cpu" in services else repo)
+    for w in compose_workers(services):  # the workers read the bundle of the versions Triton serves
+        assert host_path(services[w], "/models", writable=False) == served, w
+    url = urllib.parse.urlsplit(args["triton-http"])
+    assert url.hostname == "triton" and url.port in container_ports(triton)
+    # Metrics where Prometheus looks (targets/learner.yml), on the published port.
+    port = int(args["metrics-port"])
+    assert port in container_ports(learner)
+    (group,) = yaml.safe_load((PROM / "targets" / "learner.yml").read_text())
+    assert group["targets"] == [f"learner:{port}"]
+    # Bounded CPU: at most one core, less weight than a default service (1024), a nice increment, one thread.
+    assert 0 < float(learner["cpus"]) <= 1 and int(learner["cpu_shares"]) < 1024
+    assert int(args["nice"]) > 0 and int(args["threads"]) == 1
+    assert learner["restart"] == "unless-stopped" and "healthcheck" in learner
+
+
+def test_compose_learner() -> None:
+    check_compose_learner(compose_config(COMPOSE)["services"])
+
+
+def test_compose_learner_check_can_fail() -> None:
+    services = compose_config(COMPOSE)["services"]
+    for change in (
+        lambda learner: learner["volumes"].__setitem__(0, learner["volumes"][0].replace(":rw", ":ro")),
+        lambda learner: learner.pop("cpus"),
+        lambda learner: learner["command"].append("--no-such-option=1"),
+        lambda learner: learner["build"].__setitem__("target", "tools"),
+    ):
+        broken = json.loads(json.dumps(services))
+        change(broken["learner"])
+        with pytest.raises((AssertionError, KeyError)):
+            check_compose_learner(broken)
+
+
+def test_prometheus_targets_are_compose_services() -> None:
+    """Every file_sd target of the compose Prometheus names a service (or network alias) of the stack and a port
+    that service's container listens on, in the GPU and the CPU stack."""
+    for files in ((COMPOSE,), (COMPOSE, COMPOSE_CPU)):
+        names = network_names(compose_config(*files)["services"])
+        for path in sorted((PROM / "targets").glob("*.yml")):
+            for group in yaml.safe_load(path.read_text()):
+                for target in group["targets"]:
+                    host, port = target.rsplit(":", 1)
+                    assert host in names, f"{path.name}: {host} is no service of {[f.name for f in files]}"
+                    assert int(port) in container_ports(names[host]), f"{path.name}: {target}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -721,12 +833,7 @@ def test_every_image_of_ours_in_the_manifests_is_a_dockerfile_target() -> None:
                     for c in d["spec"]["template"]["spec"]["containers"]]  # fmt: skip
     assert "command" not in container and all(a.startswith("--") for a in container["args"]), container["args"]
     learn_options = {a.split("=")[0] for a in container["args"]}
-    from typer.main import get_command
-
-    from local.cli import app
-
-    learn = get_command(app).commands["learn"]  # type: ignore[attr-defined]
-    assert learn_options <= {o for p in learn.params for o in p.opts}, "options `interest-stream learn` has"
+    assert learn_options <= learn_cli_options(), "options `interest-stream learn` has"
     for overlay in OVERLAYS:
         images = k8s_images(kustomize_build(overlay))
         worker_repo, worker_tag = images["worker"].rsplit(":", 1)
