@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import math
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ from tests.deploy_tools import (
     PROMETHEUS_SYNTHETIC,
     ROOT,
     TRITON_METRICS,
+    default_series,
     label_matchers,
     promql_metric_names,
     series_names,
@@ -225,6 +227,7 @@ def all_exprs() -> dict[str, list[str]]:
 
 def test_every_promql_metric_is_exported() -> None:
     known = worker_series_names() | series_names("local.learner") | TRITON_METRICS | PROMETHEUS_SYNTHETIC
+    known |= default_series()
     known |= recording_names()
     unknown: dict[str, set[str]] = {}
     used: set[str] = set()
@@ -300,6 +303,63 @@ def test_dashboard_needs_no_editing() -> None:
             assert target["datasource"]["uid"] == ds["uid"] and target["expr"].strip()
         pos = panel["gridPos"]
         assert pos["x"] + pos["w"] <= 24
+
+
+def test_dashboard_panels_do_not_overlap() -> None:
+    panels = [p for p in dashboard_panels() if "gridPos" in p]
+    boxes = [(p["title"], p["gridPos"]) for p in panels]
+    for i, (a, pa) in enumerate(boxes):
+        assert pa["x"] >= 0 and pa["y"] >= 0 and pa["w"] > 0 and pa["h"] > 0, a
+        for b, pb in boxes[i + 1 :]:
+            apart = (
+                pa["x"] + pa["w"] <= pb["x"]
+                or pb["x"] + pb["w"] <= pa["x"]
+                or pa["y"] + pa["h"] <= pb["y"]
+                or pb["y"] + pb["h"] <= pa["y"]
+            )
+            assert apart, f"{a!r} overlaps {b!r}"
+
+
+def dashboard_rows() -> dict[str, list[dict[str, Any]]]:
+    """Row title -> the panels below it, up to the next row (top-level panels, in grid order)."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    current: list[dict[str, Any]] = []
+    top = json.loads(DASHBOARD.read_text())["panels"]
+    for panel in sorted(top, key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"])):
+        if panel["type"] == "row":
+            current = rows.setdefault(panel["title"], list(panel.get("panels", [])))
+        else:
+            current.append(panel)
+    return rows
+
+
+def test_dashboard_learner_row_shows_what_the_trainer_exports() -> None:
+    """The continuous-learning row: every series it queries is one the trainer exports (its own metrics in
+    local/learner.py, or its process's, selected by its scrape job), every trainer metric is on it, and the
+    promotion clock turns red where the alert fires."""
+    (title,) = [t for t in dashboard_rows() if "learn" in t.lower()]
+    panels = dashboard_rows()[title]
+    learner = series_names("local.learner")
+    used: set[str] = set()
+    for panel in panels:
+        for target in panel["targets"]:
+            names = promql_metric_names(target["expr"])
+            assert names <= learner | default_series(), f"{panel['title']}: {names - learner}"
+            if names & default_series():  # every process exports these: the trainer's by its job
+                assert 'job="interest-learner"' in target["expr"], target["expr"]
+            used |= names
+    unused = {n for n in worker_metrics("local.learner") if not any(u == n or u.startswith(n + "_") for u in used)}
+    assert unused == set(), "trainer metrics on no panel of the learning row"
+    titles = " ".join(p["title"].lower() for p in panels)
+    for topic in ("since last promotion", "refused by reason", "vocabulary", "cpu", "interval"):
+        assert topic in titles, f"no learning panel about {topic}"
+    (clock,) = [p for p in panels if "since last promotion" in p["title"].lower()]
+    (alert,) = [r for r in alert_rules() if r["alert"] == "InterestLearnerNoPromotion"]
+    threshold = re.fullmatch(r".*interest_learner_last_promotion_timestamp_seconds > ([\d *]+)", alert["expr"])
+    assert threshold, alert["expr"]
+    red = [s["value"] for s in clock["fieldConfig"]["defaults"]["thresholds"]["steps"] if s["color"] == "red"]
+    seconds = math.prod(int(f) for f in threshold[1].split("*"))
+    assert red == [seconds], "the clock turns red where InterestLearnerNoPromotion fires"
 
 
 # ---------------------------------------------------------------------------------------------------------
