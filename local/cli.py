@@ -161,15 +161,22 @@ def learn(
     metrics_port: int = typer.Option(9110, help="Prometheus metrics port"),
     bootstrap: str | None = typer.Option(None, help="Kafka bootstrap servers (env KAFKA_BOOTSTRAP_SERVERS)"),
 ) -> None:
-    """The continuous trainer: learns from the events topic, exports and loads each promoted version (issue 27)."""
+    """The continuous trainer: learns from the events topic, exports and loads each promoted version (issue 27).
+    Kafka connection and security (KAFKA_*, TOPIC_EVENTS) are the worker's settings, from the same variables."""
     import asyncio
     import logging
+    import os
 
     from prometheus_client import start_http_server
 
     from local.learner import LearnerConfig, run
-    from stream.settings import Settings
+    from stream.settings import Settings, UnknownSetting, check_environment
 
+    try:  # a misspelt KAFKA_SASL_* would otherwise connect without it: refused as the worker refuses it
+        check_environment(os.environ)
+    except UnknownSetting as exc:
+        typer.echo(f"interest-stream learn: refusing to start: {exc}", err=True)
+        raise typer.Exit(2) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings(**({"kafka_bootstrap_servers": bootstrap} if bootstrap else {}))
     cfg = LearnerConfig(checkpoint=checkpoint, repo=repo, state_dir=state_dir, interval_events=interval_events,

@@ -50,6 +50,16 @@ TRITON_METRICS = frozenset(
 PROMETHEUS_SYNTHETIC = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped", "ALERTS"})
 
 
+def default_series() -> set[str]:
+    """Series prometheus-client's default registry exports in every process that serves it (the worker's and the
+    trainer's `start_http_server`): process_* and python_*, read off the registry, not listed by hand."""
+    from prometheus_client import REGISTRY
+
+    return {
+        s.name for family in REGISTRY.collect() for s in family.samples if s.name.startswith(("process_", "python_"))
+    }
+
+
 def worker_metrics(module_name: str = "stream.metrics") -> dict[str, tuple[str, tuple[str, ...]]]:
     """Every metric declared in stream/metrics.py (or another module: the trainer's, local.learner): exposed family
     name -> (type, label names). The exposed name is what a scrape shows: counters get `_total`, info `_info`.

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from tests.deploy_tools import (
     PROMETHEUS_SYNTHETIC,
     ROOT,
     TRITON_METRICS,
+    default_series,
     label_matchers,
     promql_metric_names,
     series_names,
@@ -224,6 +227,7 @@ def all_exprs() -> dict[str, list[str]]:
 
 def test_every_promql_metric_is_exported() -> None:
     known = worker_series_names() | series_names("local.learner") | TRITON_METRICS | PROMETHEUS_SYNTHETIC
+    known |= default_series()
     known |= recording_names()
     unknown: dict[str, set[str]] = {}
     used: set[str] = set()
@@ -301,6 +305,63 @@ def test_dashboard_needs_no_editing() -> None:
         assert pos["x"] + pos["w"] <= 24
 
 
+def test_dashboard_panels_do_not_overlap() -> None:
+    panels = [p for p in dashboard_panels() if "gridPos" in p]
+    boxes = [(p["title"], p["gridPos"]) for p in panels]
+    for i, (a, pa) in enumerate(boxes):
+        assert pa["x"] >= 0 and pa["y"] >= 0 and pa["w"] > 0 and pa["h"] > 0, a
+        for b, pb in boxes[i + 1 :]:
+            apart = (
+                pa["x"] + pa["w"] <= pb["x"]
+                or pb["x"] + pb["w"] <= pa["x"]
+                or pa["y"] + pa["h"] <= pb["y"]
+                or pb["y"] + pb["h"] <= pa["y"]
+            )
+            assert apart, f"{a!r} overlaps {b!r}"
+
+
+def dashboard_rows() -> dict[str, list[dict[str, Any]]]:
+    """Row title -> the panels below it, up to the next row (top-level panels, in grid order)."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    current: list[dict[str, Any]] = []
+    top = json.loads(DASHBOARD.read_text())["panels"]
+    for panel in sorted(top, key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"])):
+        if panel["type"] == "row":
+            current = rows.setdefault(panel["title"], list(panel.get("panels", [])))
+        else:
+            current.append(panel)
+    return rows
+
+
+def test_dashboard_learner_row_shows_what_the_trainer_exports() -> None:
+    """The continuous-learning row: every series it queries is one the trainer exports (its own metrics in
+    local/learner.py, or its process's, selected by its scrape job), every trainer metric is on it, and the
+    promotion clock turns red where the alert fires."""
+    (title,) = [t for t in dashboard_rows() if "learn" in t.lower()]
+    panels = dashboard_rows()[title]
+    learner = series_names("local.learner")
+    used: set[str] = set()
+    for panel in panels:
+        for target in panel["targets"]:
+            names = promql_metric_names(target["expr"])
+            assert names <= learner | default_series(), f"{panel['title']}: {names - learner}"
+            if names & default_series():  # every process exports these: the trainer's by its job
+                assert 'job="interest-learner"' in target["expr"], target["expr"]
+            used |= names
+    unused = {n for n in worker_metrics("local.learner") if not any(u == n or u.startswith(n + "_") for u in used)}
+    assert unused == set(), "trainer metrics on no panel of the learning row"
+    titles = " ".join(p["title"].lower() for p in panels)
+    for topic in ("since last promotion", "refused by reason", "vocabulary", "cpu", "interval"):
+        assert topic in titles, f"no learning panel about {topic}"
+    (clock,) = [p for p in panels if "since last promotion" in p["title"].lower()]
+    (alert,) = [r for r in alert_rules() if r["alert"] == "InterestLearnerNoPromotion"]
+    threshold = re.fullmatch(r".*interest_learner_last_promotion_timestamp_seconds > ([\d *]+)", alert["expr"])
+    assert threshold, alert["expr"]
+    red = [s["value"] for s in clock["fieldConfig"]["defaults"]["thresholds"]["steps"] if s["color"] == "red"]
+    seconds = math.prod(int(f) for f in threshold[1].split("*"))
+    assert red == [seconds], "the clock turns red where InterestLearnerNoPromotion fires"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # docs/metrics.md
 
@@ -335,6 +396,11 @@ def compose_config(*files: Path, tmp: Path = ROOT / ".pytest_cache") -> dict[str
     return yaml.safe_load(run(*args, "config").stdout)
 
 
+def compose_workers(services: dict[str, Any]) -> list[str]:
+    """The worker services: built from the Dockerfile's default (last) target, the worker."""
+    return [n for n, s in services.items() if "build" in s and s["build"].get("target", "worker") == "worker"]
+
+
 def is_worker_image(service: dict[str, Any]) -> bool:
     return "build" in service or str(service.get("image", "")).startswith(WORKER_IMAGE)
 
@@ -342,7 +408,7 @@ def is_worker_image(service: dict[str, Any]) -> bool:
 def test_compose_stack() -> None:
     services = compose_config(COMPOSE)["services"]
     assert {"kafka", "topic-init", "triton", "producer", "prometheus", "grafana"} <= set(services)
-    workers = [n for n, s in services.items() if "build" in s and s["build"].get("target") != "tools"]
+    workers = compose_workers(services)
     assert len(workers) >= 1
     assert services["kafka"]["image"].startswith("apache/kafka:")
     assert "broker,controller" in str(services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"])
@@ -380,10 +446,116 @@ def test_compose_cpu_override() -> None:
     twin = f"./{twin_dir_for(Path('artifacts/model_repository'))}:/models:ro"
     assert "interest-stream export --out artifacts/model_repository" in (ROOT / "docs" / "operations.md").read_text()
     assert any(v.endswith(twin.removeprefix(".")) for v in cpu["volumes"]), (twin, cpu["volumes"])
-    for name, service in services.items():
-        if "build" in service and service["build"].get("target") != "tools":
+    for name in [*compose_workers(services), "learner"]:
+        service = services[name]
+        if name != "learner":  # the trainer writes both repositories from the one artifacts/ mount
             assert any(v.endswith(twin.removeprefix(".")) for v in service["volumes"]), name
-            assert "triton" not in service["depends_on"], f"{name} cannot depend on the parked GPU server"
+        assert "triton" not in service["depends_on"], f"{name} cannot depend on the parked GPU server"
+    check_compose_learner(services)
+
+
+def learn_cli_options() -> set[str]:
+    """The options `interest-stream learn` takes (local/cli.py)."""
+    from typer.main import get_command
+
+    from local.cli import app
+
+    learn = get_command(app).commands["learn"]  # type: ignore[attr-defined]
+    return {o for p in learn.params for o in p.opts}
+
+
+def host_path(service: dict[str, Any], path: str, writable: bool) -> Path | None:
+    """The host path a container path of a compose service lies on (bind mounts), or None."""
+    for volume in service.get("volumes", []):
+        source, target, *mode = volume.split(":")
+        if not source.startswith("/") or (writable and mode == ["ro"]):
+            continue
+        if path == target or path.startswith(target.rstrip("/") + "/"):
+            return Path(source) / Path(path).relative_to(target)
+    return None
+
+
+def network_names(services: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services that start by default (no profile), by every name they answer to: theirs and their aliases."""
+    running = {n: s for n, s in services.items() if not s.get("profiles")}
+    aliases = {a: s for s in running.values() for a in s.get("networks", {}).get("default", {}).get("aliases", [])}
+    return running | aliases
+
+
+def container_ports(service: dict[str, Any]) -> set[int]:
+    return {int(p["target"]) for p in service.get("ports", [])} | {int(p) for p in service.get("expose", [])}
+
+
+def check_compose_learner(services: dict[str, Any]) -> None:
+    """The trainer: the Dockerfile's learner target, options `interest-stream learn` has, the workers' Kafka
+    settings, writing into the very repository Triton serves (the twin where the CPU twin serves), loading through
+    Triton's HTTP port, metrics where Prometheus scrapes, and CPU bounded below the other services."""
+    learner = services["learner"]
+    assert learner["build"]["target"] == "learner" and "learner" in dockerfile_stages()
+    assert learner["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert learner["image"].startswith("interest-stream-learner")
+    assert "entrypoint" not in learner, "the image's entry point is `interest-stream learn`"
+    args = dict(a.removeprefix("--").split("=", 1) for a in learner["command"])
+    assert all(a.startswith("--") for a in learner["command"])
+    assert {f"--{k}" for k in args} <= learn_cli_options()
+    (worker, *_) = compose_workers(services)
+    for name in ("KAFKA_BOOTSTRAP_SERVERS", "TOPIC_EVENTS"):
+        assert learner["environment"][name] == services[worker]["environment"][name], name
+    assert env_problems(dict(learner["environment"])) == []
+    assert learner["depends_on"]["topic-init"]["condition"] == "service_completed_successfully"
+    # The shared model repository: Triton's /models is where the trainer writes its versions.
+    repo = host_path(learner, args["repo"], writable=True)
+    assert repo is not None, f"--repo={args['repo']} is not on a writable mount"
+    for option in ("checkpoint", "state-dir"):
+        assert host_path(learner, args[option], writable=option == "state-dir"), f"--{option} is not mounted"
+    triton = network_names(services)["triton"]
+    served = host_path(triton, "/models", writable=False)
+    assert served in {repo, twin_dir_for(repo)}, (served, repo)
+    assert served == (twin_dir_for(repo) if "triton-cpu" in services else repo)
+    for w in compose_workers(services):  # the workers read the bundle of the versions Triton serves
+        assert host_path(services[w], "/models", writable=False) == served, w
+    url = urllib.parse.urlsplit(args["triton-http"])
+    assert url.hostname == "triton" and url.port in container_ports(triton)
+    # Metrics where Prometheus looks (targets/learner.yml), on the published port.
+    port = int(args["metrics-port"])
+    assert port in container_ports(learner)
+    (group,) = yaml.safe_load((PROM / "targets" / "learner.yml").read_text())
+    assert group["targets"] == [f"learner:{port}"]
+    # Bounded CPU: at most one core, less weight than a default service (1024), a nice increment, one thread.
+    assert 0 < float(learner["cpus"]) <= 1 and int(learner["cpu_shares"]) < 1024
+    assert int(args["nice"]) > 0 and int(args["threads"]) == 1
+    assert learner["restart"] == "unless-stopped" and "healthcheck" in learner
+
+
+def test_compose_learner() -> None:
+    check_compose_learner(compose_config(COMPOSE)["services"])
+
+
+def test_compose_learner_check_can_fail() -> None:
+    services = compose_config(COMPOSE)["services"]
+    for change in (
+        lambda learner: learner["volumes"].__setitem__(0, learner["volumes"][0].replace(":rw", ":ro")),
+        lambda learner: learner.pop("cpus"),
+        lambda learner: learner["command"].append("--no-such-option=1"),
+        lambda learner: learner["build"].__setitem__("target", "tools"),
+    ):
+        broken = json.loads(json.dumps(services))
+        change(broken["learner"])
+        with pytest.raises((AssertionError, KeyError)):
+            check_compose_learner(broken)
+
+
+def test_prometheus_targets_are_compose_services() -> None:
+    """Every file_sd target of the compose Prometheus names a service (or network alias) of the stack and a port
+    that service's container listens on, in the GPU and the CPU stack."""
+    for files in ((COMPOSE,), (COMPOSE, COMPOSE_CPU)):
+        names = network_names(compose_config(*files)["services"])
+        for path in sorted((PROM / "targets").glob("*.yml")):
+            for group in yaml.safe_load(path.read_text()):
+                for target in group["targets"]:
+                    host, port = target.rsplit(":", 1)
+                    assert host in names, f"{path.name}: {host} is no service of {[f.name for f in files]}"
+                    assert int(port) in container_ports(names[host]), f"{path.name}: {target}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -488,6 +660,105 @@ def test_k8s_workers_match_topics_and_keep_secrets_out(overlay: Path) -> None:
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] in adapter_metric_names()
     if settings.kafka_security_protocol.startswith("SASL"):
         assert "secretKeyRef" in env["KAFKA_SASL_PASSWORD"]["valueFrom"]
+
+
+def learner_containers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trainer's containers: those of the Deployment interest-learner (deploy/k8s/base/learner.yaml)."""
+    return [
+        c
+        for d in docs
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "interest-learner"
+        for c in d["spec"]["template"]["spec"]["containers"]
+    ]
+
+
+def acl_allows(user: dict[str, Any], kind: str, name: str, operation: str) -> bool:
+    """Whether a Strimzi KafkaUser's simple ACLs allow `operation` on the resource (literal or prefix match)."""
+    for acl in user["spec"]["authorization"]["acls"]:
+        resource = acl["resource"]
+        if resource["type"] != kind or acl.get("type", "allow") != "allow":
+            continue
+        matches = (
+            name.startswith(resource["name"]) if resource.get("patternType") == "prefix" else name == resource["name"]
+        )
+        if matches and (operation in acl["operations"] or "All" in acl["operations"]):
+            return True
+    return False
+
+
+def kafka_identity(docs: list[dict[str, Any]], env: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The KafkaUser whose Secret holds a container's SASL password (Strimzi names the Secret after the user)."""
+    ref = env["KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    users = {d["metadata"]["name"]: d for d in docs if d["kind"] == "KafkaUser"}
+    assert ref["name"] in users, f"no KafkaUser makes the Secret {ref['name']}"
+    assert ref["key"] == "password"
+    user = users[ref["name"]]
+    assert env["KAFKA_SASL_USERNAME"]["value"] == user["metadata"]["name"]
+    assert user["spec"]["authentication"]["type"] == "scram-sha-512"
+    return user
+
+
+def check_learner_kafka(docs: list[dict[str, Any]], secured: bool) -> None:
+    """The trainer reads the workers' events topic (its own group): same brokers and transport security, its
+    password from a Secret, a mounted CA file, and a Kafka identity whose ACLs let it read topic and group.
+    `secured`: the overlay must use SASL_SSL (prod)."""
+    from local.learner import LearnerConfig
+
+    (worker,) = worker_containers(docs)
+    (learner,) = learner_containers(docs)
+    worker_env = {e["name"]: e for e in worker["env"]}
+    env = {e["name"]: e for e in learner["env"]}
+    values = {k: e.get("value", "<secret>") for k, e in env.items()}
+    assert env_problems(values) == [], f"learner: {env_problems(values)}"
+    for name, entry in env.items():
+        if re.search(r"PASSWORD|SECRET|TOKEN", name):
+            assert "secretKeyRef" in entry.get("valueFrom", {}), f"{name} must come from a Secret"
+
+    def connection(env: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        own = {"KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD"}  # each its own identity
+        return {k: e.get("value") for k, e in env.items() if k.startswith(("KAFKA_", "TOPIC_EVENTS")) and k not in own}
+
+    assert connection(env) == connection(worker_env), "the trainer must reach Kafka as the workers do"
+    settings = Settings(_env_file=None, **{k.lower(): v for k, v in values.items() if v != "<secret>"})
+    mounts = {m["mountPath"] for m in learner.get("volumeMounts", [])}
+    for path in (settings.kafka_ssl_cafile, settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile):
+        if path is not None:
+            assert any(str(path).startswith(m + "/") for m in mounts), f"{path} is not a mounted file"
+    if secured:
+        assert settings.kafka_security_protocol == "SASL_SSL" and settings.kafka_ssl_cafile is not None
+    if settings.kafka_security_protocol.startswith("SASL"):
+        user = kafka_identity(docs, env)
+        assert acl_allows(user, "topic", settings.topic_events, "Read")
+        assert acl_allows(user, "group", LearnerConfig().group_id, "Read")
+        assert not any(acl_allows(user, "topic", t, "Write") for t in (settings.topic_events, settings.topic_output))
+        worker_user = kafka_identity(docs, worker_env)
+        assert acl_allows(worker_user, "topic", settings.topic_events, "Read")
+        assert acl_allows(worker_user, "group", settings.app_id, "Read")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_k8s_learner_reads_kafka_as_the_workers_do(overlay: Path) -> None:
+    check_learner_kafka(kustomize_build(overlay), secured=overlay.name == "prod")
+
+
+def test_k8s_learner_check_can_fail() -> None:
+    """The check above refuses the prod trainer without its SASL patch, or with an identity that may not use its
+    consumer group."""
+    docs = kustomize_build(K8S / "overlays" / "prod")
+    base = [doc for doc in yaml.safe_load_all((K8S / "base" / "learner.yaml").read_text()) if doc]
+    (unpatched,) = learner_containers(base)
+    (learner,) = learner_containers(docs)
+    learner_env = learner["env"]
+    learner["env"] = unpatched["env"]
+    with pytest.raises(AssertionError, match="as the workers do"):
+        check_learner_kafka(docs, secured=True)
+    learner["env"] = learner_env
+    check_learner_kafka(docs, secured=True)
+    (user,) = [d for d in docs if d["kind"] == "KafkaUser" and d["metadata"]["name"] == "interest-learner"]
+    user["spec"]["authorization"]["acls"] = [a for a in user["spec"]["authorization"]["acls"]
+                                             if a["resource"]["type"] != "group"]  # fmt: skip
+    with pytest.raises(AssertionError):
+        check_learner_kafka(docs, secured=True)
 
 
 def adapter_metric_names() -> set[str]:
@@ -622,12 +893,7 @@ def test_every_image_of_ours_in_the_manifests_is_a_dockerfile_target() -> None:
                     for c in d["spec"]["template"]["spec"]["containers"]]  # fmt: skip
     assert "command" not in container and all(a.startswith("--") for a in container["args"]), container["args"]
     learn_options = {a.split("=")[0] for a in container["args"]}
-    from typer.main import get_command
-
-    from local.cli import app
-
-    learn = get_command(app).commands["learn"]  # type: ignore[attr-defined]
-    assert learn_options <= {o for p in learn.params for o in p.opts}, "options `interest-stream learn` has"
+    assert learn_options <= learn_cli_options(), "options `interest-stream learn` has"
     for overlay in OVERLAYS:
         images = k8s_images(kustomize_build(overlay))
         worker_repo, worker_tag = images["worker"].rsplit(":", 1)

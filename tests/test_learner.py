@@ -90,3 +90,72 @@ def test_forget_erases_the_users_history(trainer):
     assert set(learner.histories) == set(ml.users[:3])
     learner.observe([Forget(ml.users[1], "forget", 1)])
     assert set(learner.histories) == {ml.users[0], ml.users[2]}
+
+
+SASL_ENV = {
+    "KAFKA_BOOTSTRAP_SERVERS": "kafka-kafka-bootstrap.kafka.svc:9093",
+    "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+    "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+    "KAFKA_SASL_USERNAME": "interest-learner",
+    "KAFKA_SASL_PASSWORD": "s3cret",
+    "TOPIC_EVENTS": "events-prod",
+}
+
+
+def invoke_learn(monkeypatch, tmp_path: Path, env: dict[str, str]) -> tuple[object, dict]:
+    """`interest-stream learn` with `env`, up to the moment its consumer would start: what it was built with."""
+    import aiokafka
+    import prometheus_client
+    from typer.testing import CliRunner
+
+    import local.learner as learner_module
+    from local.cli import app
+
+    seen: dict = {}
+
+    class Started(Exception):
+        pass
+
+    class Consumer:
+        def __init__(self, **kwargs) -> None:
+            seen.update(kwargs)
+
+        def subscribe(self, topics, listener) -> None:
+            seen["topics"] = topics
+
+        async def start(self) -> None:
+            raise Started
+
+    class Checkpoint:
+        vocab = range(12)
+
+    monkeypatch.chdir(tmp_path)  # no .env of the checkout
+    monkeypatch.setattr(aiokafka, "AIOKafkaConsumer", Consumer)
+    monkeypatch.setattr(prometheus_client, "start_http_server", lambda port: None)
+    monkeypatch.setattr(learner_module, "bound_cost", lambda cfg: None)
+    monkeypatch.setattr(learner_module, "resume", lambda cfg: (Checkpoint(), 1))
+    monkeypatch.setattr(learner_module, "genres_of", lambda ckpt: None)
+    result = CliRunner().invoke(app, ["learn", "--repo", str(tmp_path / "repo")], env=env)
+    return result, seen
+
+
+def test_the_trainers_consumer_carries_the_kafka_security_settings_of_the_environment(monkeypatch, tmp_path):
+    """The prod overlay gives the trainer the worker's SASL_SSL variables (deploy/k8s/overlays/prod/learner.yaml):
+    its consumer is built with them, in its own group, on the events topic they name."""
+    import ssl
+
+    result, seen = invoke_learn(monkeypatch, tmp_path, SASL_ENV)
+    assert type(result.exception).__name__ == "Started", result.output  # it got as far as starting the consumer
+    assert seen["bootstrap_servers"] == SASL_ENV["KAFKA_BOOTSTRAP_SERVERS"]
+    assert seen["security_protocol"] == "SASL_SSL" and seen["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert seen["sasl_plain_username"] == "interest-learner" and seen["sasl_plain_password"] == "s3cret"
+    assert isinstance(seen["ssl_context"], ssl.SSLContext)
+    assert seen["group_id"] == LearnerConfig().group_id and seen["topics"] == ["events-prod"]
+
+
+def test_the_trainer_refuses_a_misspelt_setting(monkeypatch, tmp_path):
+    env = dict(SASL_ENV)
+    env["KAFKA_SASL_PASWORD"] = env.pop("KAFKA_SASL_PASSWORD")
+    result, seen = invoke_learn(monkeypatch, tmp_path, env)
+    assert result.exit_code == 2 and not seen
+    assert "KAFKA_SASL_PASWORD is not a setting (did you mean KAFKA_SASL_PASSWORD?)" in result.output
