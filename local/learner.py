@@ -137,13 +137,15 @@ class Learner:
         return verdict
 
     def promote(self, candidate: Checkpoint) -> None:
-        from models.checkpoint import save
+        """The checkpoint first, then the export, each complete or absent (written aside, then renamed): a trainer
+        killed in between leaves a checkpoint that was never exported (replaced at the next promotion), never an
+        exported version without the checkpoint to resume from."""
         from models.export import export_repository
 
         version = self.version + 1
         candidate.metadata["model_version"] = f"learned-v{version}"
+        save_complete(candidate, self.cfg.state_dir / f"v{version}")
         export_repository(candidate, self.cfg.repo, version=version, overwrite=False, twin_threads=1)
-        save(candidate, self.cfg.state_dir / f"v{version}", {"loss": [], "val_ndcg10": []})
         if self.load is not None:
             self.load(version)
         self.serving, self.version = candidate, version
@@ -159,16 +161,41 @@ def newest_version(repo: Path) -> int:
     return max(version_dirs(repo / MODEL), default=0)
 
 
+def save_complete(ckpt: Checkpoint, out: Path) -> None:
+    """`models.checkpoint.save` into a directory beside `out`, renamed to `out` once written: `out` is complete
+    or absent. An `out` already there was never exported (see `Learner.promote`) and is replaced."""
+    import shutil
+
+    from models.checkpoint import save
+
+    partial = out.with_name(f".{out.name}-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    save(ckpt, partial, {"loss": [], "val_ndcg10": []})
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+
+
 def resume(cfg: LearnerConfig) -> tuple[Checkpoint, int]:
     """The checkpoint of the newest exported version: this trainer's own (state_dir/v<N>), else `cfg.checkpoint`
-    (the trained model, exported as the first version)."""
+    (the trained model, exported as the first version, or a version an operator exported). The checkpoint must be
+    the version's: a vocabulary other than the one the version serves is refused (ValueError), as resuming from
+    it would take the items it learned away from the next version."""
+    from core.encoding import Vocabulary
     from models.checkpoint import load_checkpoint
 
     version = newest_version(cfg.repo)
     if version == 0:
         raise FileNotFoundError(f"{cfg.repo / MODEL} has no version: export the trained model first")
     own = cfg.state_dir / f"v{version}"
-    return load_checkpoint(own if (own / "checkpoint.pt").exists() else cfg.checkpoint), version
+    path = own if (own / "checkpoint.pt").exists() else cfg.checkpoint
+    ckpt = load_checkpoint(path)
+    served = Vocabulary.from_json((cfg.repo / MODEL / str(version) / "vocab.json").read_text()).items
+    if ckpt.vocab.items != served:
+        raise ValueError(
+            f"{path} is not the checkpoint of version {version} in {cfg.repo / MODEL} (vocabularies of "
+            f"{len(ckpt.vocab.items)} and {len(served)} items): point --checkpoint at that version's checkpoint"
+        )
+    return ckpt, version
 
 
 def triton_loader(http_url: str) -> Callable[[int], None]:

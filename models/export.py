@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -276,33 +277,54 @@ def export_repository(
     for d, config in configs.items():
         if others[d]:
             _check_same_interface(read_config(d / "config.pbtxt"), config, d, version)
-    for d in configs:
-        if others[d]:
-            shutil.rmtree(d / str(version), ignore_errors=True)
-        else:
+    # Each version is written into a hidden staging directory (Triton loads only numbered ones) and renamed into
+    # place once complete, so a process killed mid-export (the learner stopped, a pod evicted) never leaves a
+    # half-written version for Triton to load or for the learner to resume from (`abandoned_staging` cleans up).
+    staged = {d: d / f"{STAGING_PREFIX}{version}-{os.getpid()}" for d in configs}
+    for d, stage in staged.items():
+        if not others[d]:
             shutil.rmtree(d, ignore_errors=True)
-        (d / str(version)).mkdir(parents=True)
-    vdir = str(version)
-    onnx_path = export_onnx(ServingModel(model, spec.k, filter_seen), prod_model / vdir / "model.onnx", spec.max_len)
-    shutil.copy2(onnx_path, twin_model / vdir / "model.onnx")
-    (twin_model / vdir / "model.py").write_text(resources.files("models").joinpath("triton_twin.py").read_text())
+        abandoned_staging(d)
+        stage.mkdir(parents=True)
+    prod_stage, twin_stage = staged[prod_model], staged[twin_model]
+    onnx_path = export_onnx(ServingModel(model, spec.k, filter_seen), prod_stage / "model.onnx", spec.max_len)
+    shutil.copy2(onnx_path, twin_stage / "model.onnx")
+    (twin_stage / "model.py").write_text(resources.files("models").joinpath("triton_twin.py").read_text())
 
     meta = _metadata(ckpt, spec, onnx_path, filter_seen, version)
     vocab_json, categories_json = ckpt.vocab.to_json(), json.dumps(list(ckpt.categories))
     meta["bundle_sha256"] = bundle_hash(vocab_json.encode(), categories_json.encode(), meta["onnx_sha256"])
+    bundles = {}
     for d, kind in ((prod_model, "production"), (twin_model, "twin")):
-        if not others[d]:
-            (d / "config.pbtxt").write_text(text_format.MessageToString(configs[d]))
-        bundle = {
+        bundles[d] = {
             "vocab.json": vocab_json,
             "categories.json": categories_json,
             "metadata.json": json.dumps({**meta, "repository": kind}, indent=2, default=str),
         }
-        newest = version >= max(others[d], default=0)
-        for target in (d / vdir, *([d] if newest else [])):
-            for name, text in bundle.items():
-                (target / name).write_text(text)
-    return ExportResult(out, twin, onnx_path, meta)
+        for name, text in bundles[d].items():
+            (staged[d] / name).write_text(text)
+    vdir = str(version)
+    for d, stage in staged.items():  # complete: into place (the config first, for a model directory made now)
+        if not others[d]:
+            (d / "config.pbtxt").write_text(text_format.MessageToString(configs[d]))
+        shutil.rmtree(d / vdir, ignore_errors=True)  # overwrite=True only: an immutable version was refused above
+        stage.rename(d / vdir)
+        if version >= max(others[d], default=0):  # the top-level copies follow the newest version
+            for name, text in bundles[d].items():
+                (d / name).write_text(text)
+    return ExportResult(out, twin, prod_model / vdir / "model.onnx", meta)
+
+
+STAGING_PREFIX = ".staging-"
+
+
+def abandoned_staging(model_dir: Path) -> list[Path]:
+    """Remove the staging directories an export killed mid-way left behind (returned); no export may be running
+    on `model_dir` at the same time (one trainer per repository)."""
+    gone = [p for p in model_dir.glob(f"{STAGING_PREFIX}*") if p.is_dir()] if model_dir.is_dir() else []
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+    return gone
 
 
 def version_dirs(model_dir: Path) -> list[int]:

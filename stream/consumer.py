@@ -86,6 +86,14 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         await consumer.seek_to_beginning(*beyond)
         return dict.fromkeys(beyond, 0)
 
+    async def end_offset(self, tp: TP) -> int:
+        """The partition's end offset (the next offset to be written), asked of the broker."""
+        return await self.call_thread(self._end_offset, tp)
+
+    async def _end_offset(self, tp: TP) -> int:
+        aiokafka_tp = faust_aiokafka.ensure_aiokafka_TP(tp)
+        return (await self._ensure_consumer().end_offsets([aiokafka_tp]))[aiokafka_tp]
+
     async def membership(self, generation: int) -> Membership:
         """What the group coordinator says of this member in Faust's `generation` (stream/fencing.py)."""
         return await self.call_thread(self._membership, generation)
@@ -126,6 +134,11 @@ class Consumer(faust_aiokafka.Consumer):
     already folded ones never come again. Nothing of the partition was committed past what was folded."""
 
     input_topics: frozenset[str] = frozenset()
+    _went_back_checked: dict[TP, int]  # per partition, the read offset last checked against the log's end
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._went_back_checked = {}
 
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         thread = type("ConsumerThread", (ConsumerThread,), {"input_topics": self.input_topics})
@@ -135,17 +148,26 @@ class Consumer(faust_aiokafka.Consumer):
         read_offsets = self._read_offset
         async for tp, message in super().getmany(timeout):
             if tp.topic in self.input_topics and (read := read_offsets.get(tp)) is not None and message.offset < read:
-                await self._went_back(tp, message.offset, read)
-                continue
-            yield tp, message
+                await self._maybe_went_back(tp, message.offset, read)
+            yield tp, message  # below the read offset Faust drops it, as it always did
 
-    async def _went_back(self, tp: TP, offset: int, read: int) -> None:
-        if self._committed_offset.get(tp) == _NEVER:
-            return  # already handled; the worker is stopping
+    async def _maybe_went_back(self, tp: TP, offset: int, read: int) -> None:
+        """A message below the read offset is also what a rebalance race delivers (fetched after the seek to the
+        committed offset, before Faust moved its read offset back there; stream/continuity.py fills what Faust
+        drops then). Only a log that now ends below what was read has gone back: asked once per read offset."""
+        if self._went_back_checked.get(tp) == read:
+            return
+        self._went_back_checked[tp] = read
+        end = await self._thread.end_offset(tp)
+        if end < read:
+            await self._went_back(tp, offset, read, end)
+
+    async def _went_back(self, tp: TP, offset: int, read: int, end: int) -> None:
         self._committed_offset[tp] = _NEVER  # Faust commits only offsets above it: nothing more of tp here
         why = (
-            f"events partition {tp.partition}: offset {offset} fetched after offset {read} was read (the topic was "
-            "recreated or its log truncated); committed at 0, the worker restarts to read it from the start"
+            f"events partition {tp.partition}: offset {offset} fetched after offset {read} was read, and the log "
+            f"now ends at {end} (the topic was recreated or its log truncated); committed at 0, the worker "
+            "restarts to read it from the start"
         )
         log.error(why)
         metrics.INPUT_WENT_BACK.inc()

@@ -159,3 +159,39 @@ def test_the_trainer_refuses_a_misspelt_setting(monkeypatch, tmp_path):
     result, seen = invoke_learn(monkeypatch, tmp_path, env)
     assert result.exit_code == 2 and not seen
     assert "KAFKA_SASL_PASWORD is not a setting (did you mean KAFKA_SASL_PASSWORD?)" in result.output
+
+
+def test_a_trainer_killed_during_a_promotion_resumes_from_a_version_it_can_serve(trainer, monkeypatch):
+    """The checkpoint is written before the export, each whole or not at all. Killed in the export: version 2
+    does not exist and the trainer resumes from version 1 (its checkpoint, not the orphan); the next promotion
+    writes version 2 over the orphan. And a newest version whose checkpoint is not the one given is refused,
+    rather than resumed with another vocabulary (which would drop the items that version learned)."""
+    from models import export
+
+    ml, cfg = trainer
+    cfg.tolerance = 1.0
+    serving, version = resume(cfg)
+    learner = Learner(cfg, serving, version)
+    learner.observe(events_of(ml, range(0, 80)))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed in the export")
+
+    with monkeypatch.context() as m:
+        m.setattr(export, "export_onnx", killed)
+        with pytest.raises(KeyboardInterrupt):
+            learner.step()
+    assert (cfg.state_dir / "v2" / "checkpoint.pt").exists() and not (cfg.repo / MODEL / "2").exists()
+    again, version = resume(cfg)
+    assert version == 1 and again.vocab.items == serving.vocab.items
+    learner = Learner(cfg, again, version)
+    learner.observe(events_of(ml, range(0, 80)))
+    assert learner.step().promote and learner.version == 2
+    v2 = ModelBundle.load(cfg.repo / MODEL, "2")
+    assert resume(cfg)[0].vocab.items == v2.vocab.items != serving.vocab.items
+
+    import shutil
+
+    shutil.rmtree(cfg.state_dir / "v2")  # what the old order (export, then checkpoint) could leave
+    with pytest.raises(ValueError, match="is not the checkpoint of version 2"):
+        resume(cfg)
