@@ -515,25 +515,14 @@ def test_j_a_recreated_input_topic_is_detected_and_its_new_events_applied(
     committed offsets stay: offsets restart at 0, below every state's replay witness. The new events are newer than
     anything folded and were never seen, so they are applied, not swallowed as replays, and the worker says so."""
     settings = make_settings(tables=(TABLE,), topic_partitions=2)
-    before = synthetic_events(50, 600, seed=41)
-    later = synthetic_events(50, 200, seed=42, start_ms=max(e.timestamp for e in before) + 86_400_000)
-    after = [msgspec.structs.replace(e, event_id=f"{e.event_id}-new") for e in later]  # ids of their own
-    assert len(after) < len(before) // 2  # every partition's new offsets end below its old ones
+    before, after = events_around_a_recreation(seed=41)
     first = start_worker(settings, name="first")
     run_sync(publish(settings, in_envelopes(before, 1), progress=False))
     process_all(settings, [first], expected_states(before, settings))
     stop_cleanly(first)
     run_sync(recreate_topic(settings))
     run_sync(publish(settings, in_envelopes(after, 1), progress=False))
-    expected = expected_states([*before, *after], settings)
-    second = start_worker(settings, name="second")
-    wait_for(changelog_complete(settings, expected), 300, "the changelog to hold the new events", 1.0)
-    restarted = second.metric("interest_input_offsets_restarted_total")
-    assert_healthy(second)
-    stop_cleanly(second)
-    assert_states(merge_partitions(read_rocksdb(settings.state_dir)), expected, "RocksDB after the recreation")
-    assert restarted > 0, "the restart of the offsets is reported (interest_input_offsets_restarted_total)"
-    assert read_topic(settings, settings.topic_dlq) == [], "no valid event dead-lettered"
+    a_new_worker_applies_the_new_events(settings, start_worker, before, after)
 
 
 def test_k_a_topic_recreated_under_a_running_worker_restarts_it_and_loses_nothing(
@@ -544,9 +533,7 @@ def test_k_a_topic_recreated_under_a_running_worker_restarts_it_and_loses_nothin
     never got them). The worker now sees the log go back, commits the partition at 0 and stops with an error;
     started again, as its supervisor does, it applies the new events (stream/consumer.py)."""
     settings = make_settings(tables=(TABLE,), topic_partitions=2)
-    before = synthetic_events(50, 600, seed=43)
-    later = synthetic_events(50, 200, seed=44, start_ms=max(e.timestamp for e in before) + 86_400_000)
-    after = [msgspec.structs.replace(e, event_id=f"{e.event_id}-new") for e in later]
+    before, after = events_around_a_recreation(seed=43)
     first = start_worker(settings, name="first")
     run_sync(publish(settings, in_envelopes(before, 1), progress=False))
     process_all(settings, [first], expected_states(before, settings))
@@ -555,15 +542,7 @@ def test_k_a_topic_recreated_under_a_running_worker_restarts_it_and_loses_nothin
     wait_for(lambda: not first.alive, 300, "the worker to stop on seeing its events log go back")
     assert "fetched after offset" in first.log_text(), first.log_tail()
     assert first.process is not None and first.process.returncode != 0, "it stops as a crash, for its supervisor"
-    expected = expected_states([*before, *after], settings)
-    second = start_worker(settings, name="second")
-    wait_for(changelog_complete(settings, expected), 300, "the changelog to hold the new events", 1.0)
-    restarted = second.metric("interest_input_offsets_restarted_total")
-    assert_healthy(second)
-    stop_cleanly(second)
-    assert_states(merge_partitions(read_rocksdb(settings.state_dir)), expected, "RocksDB after the recreation")
-    assert restarted > 0, "the restart of the offsets is reported (interest_input_offsets_restarted_total)"
-    assert read_topic(settings, settings.topic_dlq) == [], "no valid event dead-lettered"
+    a_new_worker_applies_the_new_events(settings, start_worker, before, after)
 
 
 async def recreate_topic(settings: Settings) -> None:
@@ -577,3 +556,29 @@ async def recreate_topic(settings: Settings) -> None:
         await admin.create_topics([NewTopic(settings.topic_events, settings.topic_partitions, 1)])
     finally:
         await admin.close()
+
+
+def events_around_a_recreation(seed: int) -> tuple[list[Event], list[Event]]:
+    """600 events, then 200 a day later with ids of their own (the new topic's): fewer, so that every partition's
+    new offsets end below its old ones."""
+    before = synthetic_events(50, 600, seed=seed)
+    later = synthetic_events(50, 200, seed=seed + 1, start_ms=max(e.timestamp for e in before) + 86_400_000)
+    after = [msgspec.structs.replace(e, event_id=f"{e.event_id}-new") for e in later]
+    assert len(after) < len(before) // 2
+    return before, after
+
+
+def a_new_worker_applies_the_new_events(
+    settings: Settings, start_worker: Callable[..., Worker], before: list[Event], after: list[Event]
+) -> None:
+    """A worker started after the recreation ends with every event of both topics applied, says the offsets
+    restarted, and dead-letters nothing."""
+    expected = expected_states([*before, *after], settings)
+    second = start_worker(settings, name="second")
+    wait_for(changelog_complete(settings, expected), 300, "the changelog to hold the new events", 1.0)
+    restarted = second.metric("interest_input_offsets_restarted_total")
+    assert_healthy(second)
+    stop_cleanly(second)
+    assert_states(merge_partitions(read_rocksdb(settings.state_dir)), expected, "RocksDB after the recreation")
+    assert restarted > 0, "the restart of the offsets is reported (interest_input_offsets_restarted_total)"
+    assert read_topic(settings, settings.topic_dlq) == [], "no valid event dead-lettered"
