@@ -94,6 +94,15 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         aiokafka_tp = faust_aiokafka.ensure_aiokafka_TP(tp)
         return (await self._ensure_consumer().end_offsets([aiokafka_tp]))[aiokafka_tp]
 
+    def settled(self, generation: int) -> bool:
+        """aiokafka is in Faust's `generation` and knows of no rebalance to rejoin (read from the caller's thread:
+        plain attribute reads, no I/O). The fence's lease ends when this turns False."""
+        consumer = self._ensure_consumer()
+        coordinator, subscription = consumer._coordinator, consumer._subscription.subscription
+        if subscription is None:
+            return False
+        return coordinator.generation == generation and not coordinator.need_rejoin(subscription)
+
     async def membership(self, generation: int) -> Membership:
         """What the group coordinator says of this member in Faust's `generation` (stream/fencing.py)."""
         return await self.call_thread(self._membership, generation)
@@ -108,8 +117,10 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         except kafka_errors.KafkaError:
             return Membership.UNKNOWN
         error = kafka_errors.for_code(response.error_code)
-        if error in (kafka_errors.NoError, kafka_errors.RebalanceInProgressError):
+        if error is kafka_errors.NoError:
             return Membership.MEMBER
+        if error is kafka_errors.RebalanceInProgressError:
+            return Membership.REBALANCING
         if error in (kafka_errors.IllegalGenerationError, kafka_errors.UnknownMemberIdError):
             return Membership.GONE
         return Membership.UNKNOWN  # coordinator moving or not ready: aiokafka's heartbeat finds it again

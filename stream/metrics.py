@@ -67,6 +67,10 @@ FENCE_CHECK_SECONDS = Histogram(
     " coordinator; two per batch).",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5),
 )
+FENCE_ROUND_TRIPS = Counter(
+    "interest_fence_round_trips_total",
+    "Ownership checks that asked the group coordinator (the others ran within a lease: stream/fencing.py).",
+)
 MESSAGES_ISOLATED = Counter(
     "interest_messages_isolated_total",
     "Messages that failed the batch step on their own and were dead-lettered with reason internal.",

@@ -53,7 +53,62 @@ def test_every_check_is_timed_passed_or_fenced_and_an_empty_batch_asks_nothing()
 
 
 def test_a_rebalance_waiting_for_this_member_is_still_ownership_and_no_answer_is_asked_again() -> None:
+    check(fence([Membership.REBALANCING]), Msg("events", 0, 3))
     check(fence([Membership.UNKNOWN, Membership.UNKNOWN, Membership.MEMBER]), Msg("events", 0, 3))
+
+
+class Leased:
+    """A fence with a 6 s lease on a fake clock, counting the coordinator's answers it used."""
+
+    def __init__(self, answers: list[Membership]) -> None:
+        self.now, self.asked, self.generation, self.is_settled = 100.0, 0, 3, True
+        replies = iter(answers)
+
+        async def ask() -> Membership:
+            self.asked += 1
+            return next(replies)
+
+        self.fence = Fence(
+            lambda: {TP("events", 0)}, lambda: self.generation, ask, retry_s=0, lease_s=6.0,
+            settled=lambda generation: self.is_settled, clock=lambda: self.now,
+        )  # fmt: skip
+
+    def check(self, generation: int = 3) -> None:
+        check(self.fence, Msg("events", 0, generation))
+
+
+def test_a_clean_answer_is_trusted_for_the_lease_and_asked_again_after_it() -> None:
+    f = Leased([Membership.MEMBER, Membership.MEMBER, Membership.GONE])
+    f.check()
+    f.now += 5.9
+    f.check()  # within the lease: no round trip
+    assert f.asked == 1
+    f.now += 0.2  # 6.1 s after the question was sent: asked again
+    f.check()
+    assert f.asked == 2
+    f.now += 60.0  # frozen past the lease (SIGSTOP): asked again, and the coordinator has let us go
+    with pytest.raises(Fenced, match="no longer knows"):
+        f.check()
+
+
+@pytest.mark.parametrize("ends_it", ["rebalancing-answer", "aiokafka-rejoining", "new-generation"])
+def test_what_ends_a_lease_at_once(ends_it: str) -> None:
+    """A REBALANCE_IN_PROGRESS answer grants none; a rejoin aiokafka already knows of, or a new generation, ends
+    it: the next check asks the coordinator (or fails locally) instead of trusting the old answer."""
+    first = Membership.REBALANCING if ends_it == "rebalancing-answer" else Membership.MEMBER
+    f = Leased([first, Membership.MEMBER])
+    f.check()
+    f.now += 1.0
+    if ends_it == "aiokafka-rejoining":
+        f.is_settled = False
+    if ends_it == "new-generation":
+        f.generation = 4
+        with pytest.raises(Fenced, match="read in generation"):
+            f.check(generation=3)  # the batch was read before the rebalance
+        f.check(generation=4)
+    else:
+        f.check()
+    assert f.asked == 2
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,10 @@ directory are in tests/test_pipeline.py.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -234,10 +236,16 @@ def test_d_a_frozen_worker_wakes_up_fenced(
         w2 = start_worker(own_dir(settings, tmp_path, "w2"), name="w2")
         sender = send_in_background(settings, events[:1_500], rate=300.0)
         wait_for(lambda: w1.stopped_by_signal(), 120, "w1 to freeze mid-batch (SIGSTOP)")
+        frozen_at = time.monotonic()
         sender.join()
         broker = restart(broker, [w2], settings)  # w1 stays frozen
         send_in_background(settings, events[1_500:], rate=1_000.0).join()
         wait_caught_up(settings, [w2])  # w2 alone owns every partition now, w1's included
+        # Kafka evicts a member no sooner than its session timeout after its last heartbeat, so a frozen worker
+        # always wakes past the fence's lease (a tenth of that); noida-db forgets the group when restarted, so
+        # the freeze is made to last the lease here too.
+        lease_s = float(re.search(r"trusted for ([\d.]+) s", w1.log_text()).group(1))  # type: ignore[union-attr]
+        time.sleep(max(0.0, lease_s - (time.monotonic() - frozen_at)))
         assert w1.pid is not None
         os.kill(w1.pid, signal.SIGCONT)
         wait_for(lambda: "fenced:" in w1.log_text(), 120, "w1 to find its batch fenced")
