@@ -36,7 +36,7 @@ from aiokafka.protocol.group import HeartbeatRequest
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
-from stream import metrics, pins
+from stream import pins
 from stream.fencing import Membership
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,6 @@ class Consumer(faust_aiokafka.Consumer):
             "restarts to read it from the start"
         )
         log.error(why)
-        metrics.INPUT_WENT_BACK.inc()
         await self._thread.commit({tp: 0})
         await self.crash(InputWentBack(why))
 

@@ -52,11 +52,6 @@ INPUT_OFFSETS_RESTARTED = Counter(
     "Users whose input offsets went back with events newer than any they had folded (a recreated or mirrored"
     " events topic): the events were applied, not taken for replays.",
 )
-INPUT_WENT_BACK = Counter(
-    "interest_input_went_back_total",
-    "Events partitions whose log went back under the running worker (topic recreated or truncated): committed at 0,"
-    " the worker restarts to read them from the start.",
-)
 BATCHES_FENCED = Counter(
     "interest_batches_fenced_total",
     "Batches abandoned because this worker no longer owned their partitions (a rebalance it slept through).",
