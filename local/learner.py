@@ -63,7 +63,7 @@ class LearnerConfig:
     interval_events: int = 5000  # a step after this many new events ...
     interval_s: float = 600.0  # ... or this long after the last step (with at least `min_events`); 0 = events only
     min_events: int = 50
-    holdout: float = 0.1  # the interval's newest share: the validation slice
+    holdout: float = 0.2  # the interval's newest share: its older half refits the fusion, the newer validates
     steps: int = 100
     cpu_budget_s: float = 120.0  # fine-tuning stops when a step used this much CPU
     tolerance: float = 0.0  # a candidate this much worse (validation NDCG@10) is still promoted

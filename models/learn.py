@@ -13,9 +13,13 @@ One step, at the trainer's cadence:
 2. **refit** the in-graph item-item scorer on all histories so far (the lambda, decay and weight picked at
    training are kept): this is what makes a new item recommendable from its co-occurrences.
 3. **fine-tune** the Transformer on the recent users' windows for a bounded number of steps (the training loss).
-4. **validate** candidate and serving version on the most recent held-out slice (events the candidate never
-   trained on): promote only if the candidate's NDCG@10 is not worse, i.e. not lower by more than `z` standard
-   errors of the per-event paired difference (a few hundred events cannot tell 0.01 apart).
+4. **refit the fusion** (how much the Transformer's logits lean on the item-item evidence, and its recency decay)
+   on the older part of the held-out slice: events the candidate never trained on, unlike the validation
+   histories training picked them on, which the Transformer had learnt (it was over-trusted on a time-ordered
+   stream: docs/model-results.md).
+5. **validate** candidate and serving version on the newer part of the held-out slice (events neither the
+   weights nor the fusion saw): promote only if the candidate's NDCG@10 is not worse, i.e. not lower by more than
+   `z` standard errors of the per-event paired difference (a few hundred events cannot tell 0.01 apart).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from core.sessions import UserState
 from models.checkpoint import Checkpoint
 from models.data import prefix
 from models.model import InterestTransformer
-from models.ranking import target_ranks
+from models.ranking import seen_mask, target_ranks
 
 #: State-dict entries with one row per vocabulary item (grown together; the neighbour rows are EASE's sparse form).
 ITEM_ROWS = (
@@ -56,6 +60,9 @@ class LearnConfig:
     # "Worse" = worse by more than z standard errors of the per-event paired difference (0: any drop). The held-out
     # slice is a few hundred events, where NDCG@10 moves by ~0.01 between equally good models (docs/model-results.md).
     z: float = 1.64
+    # The oldest share of the held-out events refits the fusion (step 4); the rest validates. 0: the fusion picked
+    # at training is kept and every held-out event validates.
+    fusion_share: float = 0.5
     seed: int = 0
 
 
@@ -192,16 +199,57 @@ def fine_tune(ckpt: Checkpoint, histories: Sequence[UserState], cfg: LearnConfig
 
 def holdout(histories: Sequence[UserState], since_ts: int) -> tuple[list[UserState], list[UserState], list[str]]:
     """Split the histories at `since_ts`: (what may be trained on: each history before it; the held-out inputs,
-    one per event at or after it, its history before it; their target items)."""
-    fit, inputs, targets = [], [], []
+    one per event at or after it, its history before it; their target items), the held-out events oldest first."""
+    fit, held = [], []
     for s in histories:
         cut = int(np.searchsorted(np.asarray(s.ts), since_ts, side="left"))
         if cut > 0:
             fit.append(prefix(s, cut))
         for j in range(max(cut, 1), len(s)):  # an event with no history before it says nothing about either model
-            inputs.append(prefix(s, j))
-            targets.append(s.items[j])
-    return fit, inputs, targets
+            held.append((s.ts[j], len(held), prefix(s, j), s.items[j]))
+    held.sort(key=lambda h: h[:2])
+    return fit, [h[2] for h in held], [h[3] for h in held]
+
+
+def as_buffer(v: float) -> float:
+    """`v` as a float32 buffer holds it (0.9 is stored as 0.89999998), so that a grid value and the value read
+    back from the model compare equal."""
+    return float(np.float32(v))
+
+
+@torch.no_grad()
+def refit_fusion(ckpt: Checkpoint, inputs: Sequence[UserState], targets: Sequence[str]) -> dict[str, float]:
+    """Pick the item-item weight and recency decay (training's grids) that rank `targets` best, in place; the
+    current pair is kept unless another is strictly better. Returns the pair kept and its NDCG@10 against the old."""
+    from models.train import ITEM_ITEM_DECAYS, ITEM_ITEM_WEIGHTS, to_tensors
+
+    model = ckpt.model
+    if model.cfg.item_item_rank <= 0 or not inputs:
+        return {}
+    old = (model.item_item_weight.item(), model.item_item_decay.item())
+    device = next(model.parameters()).device
+    target_idx = ckpt.vocab.indices(list(targets))
+    gains: dict[tuple[float, float], float] = {}
+    for a in range(0, len(inputs), 256):  # bounded memory: a [chunk, n_items] score matrix per pair
+        chunk = list(inputs[a : a + 256])
+        x = to_tensors(chunk, ckpt.vocab, ckpt.encoder_config, device)
+        seen = torch.from_numpy(seen_mask(chunk, ckpt.vocab)).to(device)
+        base = model.item_logits(model(**x)).masked_fill(seen, float("-inf")) + model.item_mask
+        n = (model.window(x["item_ids"])[0] != PAD).sum(1, keepdim=True).clamp(min=1)
+        short = model.item_item_short_weight / n
+        for decay in {old[1], *map(as_buffer, ITEM_ITEM_DECAYS)}:
+            model.item_item_decay.fill_(decay)
+            evidence = model.item_item_scores(x["item_ids"])
+            for w in {old[0], *map(as_buffer, ITEM_ITEM_WEIGHTS)}:
+                r = target_ranks((base + (w + short) * evidence).cpu().numpy(), target_idx[a : a + 256])
+                gain = np.where(r < 10, 1.0 / np.log2(np.where(r < 10, r, 0) + 2.0), 0.0).sum()
+                gains[(w, decay)] = gains.get((w, decay), 0.0) + float(gain)
+    best = max(gains, key=lambda k: (gains[k], k == old))
+    model.item_item_weight.fill_(best[0])
+    model.item_item_decay.fill_(best[1])
+    ckpt.metadata["item_item"] = ckpt.metadata.get("item_item", {}) | {"weight": best[0], "decay": best[1]}
+    n = len(inputs)
+    return {"weight": best[0], "decay": best[1], "ndcg10": gains[best] / n, "ndcg10_before": gains[old] / n}
 
 
 def event_ndcg10(ckpt: Checkpoint, inputs: Sequence[UserState], targets: Sequence[str]) -> np.ndarray:
@@ -253,9 +301,11 @@ def learn_step(
     categories_of: Callable[[str], np.ndarray] | None = None,
 ) -> tuple[Checkpoint, Validation, dict]:
     """One interval: grow, refit the item-item scorer and fine-tune on what precedes `holdout_from_ts` (the
-    fine-tuning on the users active since `recent_from_ts`), validate on the rest. Returns (candidate,
-    validation, facts: new items, losses). The serving checkpoint is never modified."""
+    fine-tuning on the users active since `recent_from_ts`), refit the fusion on the older `cfg.fusion_share` of
+    the rest and validate on the newer. Returns (candidate, validation, facts: new items, losses, fusion). The
+    serving checkpoint is never modified."""
     fit, inputs, targets = holdout(histories, holdout_from_ts)
+    tuned = int(len(inputs) * cfg.fusion_share) if len(inputs) > 1 else 0
     candidate = grow(copy_checkpoint(serving), fit, categories_of)
     candidate = refit_item_item(candidate, fit)
     recent = [s for s in fit if s.ts and s.ts[-1] >= recent_from_ts]
@@ -263,8 +313,10 @@ def learn_step(
     losses = fine_tune(candidate, recent, cfg)
     if losses and not all(math.isfinite(x) for x in losses):
         return candidate, Validation(math.nan, math.nan, len(inputs), False, "diverged"), {"losses": losses}
-    verdict = validate(candidate, serving, inputs, targets, cfg.tolerance, cfg.z)
+    fusion = refit_fusion(candidate, inputs[:tuned], targets[:tuned])
+    verdict = validate(candidate, serving, inputs[tuned:], targets[tuned:], cfg.tolerance, cfg.z)
     facts = {"new_items": len(candidate.vocab) - len(serving.vocab), "losses": losses, "recent_users": len(recent)}
+    facts["fusion"] = fusion
     return candidate, verdict, facts
 
 

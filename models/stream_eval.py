@@ -2,9 +2,10 @@
 
 The model is trained on the events before a cut time T (the first `cut` share of all events by time); the rest
 is the stream. It is cut into `updates` intervals of equal event counts; at the end of each interval the trainer
-runs one `models.learn.learn_step` (its last `holdout` share held out for validation) and the candidate serves
-the next interval if it was promoted. Every streamed event is a test case: rank all items for the user's history
-up to then (seen items filtered) and look for the event's item. Variants, each refreshed at the same cadence:
+runs one `models.learn.learn_step` (its last `holdout` share held out: fusion refit, then validation) and the
+candidate serves the next interval if it was promoted. Every streamed event is a test case: rank all items for
+the user's history up to then (seen items filtered) and look for the event's item. Variants, each refreshed at
+the same cadence:
 
 * `frozen`: the model trained before T, never updated (an item first seen after T is OOV: never recommended);
 * `continuous`: the model as the learner keeps it (vocabulary grown, EASE refitted, fine-tuned, validated);
@@ -39,7 +40,7 @@ VARIANTS = ("continuous", "frozen", "refit_baseline", "popularity")
 class StreamEvalConfig:
     cut: float = 0.8  # share of events (by time) before T: the model trains on those
     updates: int = 10  # trainer intervals over the stream (equal event counts)
-    holdout: float = 0.1  # each interval's newest share: the validation slice of its learn step
+    holdout: float = 0.2  # each interval's newest share: its older half refits the fusion, the newer validates
     popularity_days: float = 30.0
     max_eval_events: int = 0  # > 0: score an evenly spaced subsample of the streamed events (bounded run time)
     steps: int = 100  # fine-tuning steps per update (LearnConfig.steps)
@@ -184,6 +185,7 @@ def run(cfg: StreamEvalConfig, out: Path, log=print) -> dict:
             candidate, verdict, facts = learn_step(serving, histories, bounds[k - 1], hold_from, lcfg, categories_of)
             cpu = round(time.process_time() - t0, 1)
             updates.append({"at": lo, "cpu_seconds": cpu, **asdict(verdict), "new_items": facts.get("new_items", 0)})
+            updates[-1]["fusion"] = facts.get("fusion", {})
             log(f"update {k}: {json.dumps(updates[-1])}")
             if verdict.promote:
                 serving = candidate

@@ -18,10 +18,12 @@ from models.learn import (
     holdout,
     learn_step,
     ndcg10,
+    refit_fusion,
     refit_item_item,
     unseen_items,
     validate,
 )
+from models.train import ITEM_ITEM_WEIGHTS
 from tests.fixtures.small_model import small_checkpoint
 
 
@@ -133,9 +135,27 @@ def test_learn_step_grows_fine_tunes_validates_and_leaves_the_serving_version_al
     assert verdict.promote == (verdict.reason != "worse")
     if verdict.reason in ("better", "equal"):
         assert verdict.candidate_ndcg10 >= verdict.serving_ndcg10
-    assert np.isclose(verdict.serving_ndcg10, ndcg10(ckpt, *holdout(histories, t_hold)[1:]))
+    _, inputs, targets = holdout(histories, t_hold)
+    tuned = len(inputs) // 2  # the older half refitted the fusion; the newer validated
+    assert verdict.events == len(inputs) - tuned and facts["fusion"]["weight"] in ITEM_ITEM_WEIGHTS
+    assert np.isclose(verdict.serving_ndcg10, ndcg10(ckpt, inputs[tuned:], targets[tuned:]))
     x = encode_batch(later[:3], candidate.vocab, candidate.encoder_config)
     assert (x["item_ids"] > 1).sum() > (encode_batch(later[:3], ckpt.vocab, ckpt.encoder_config)["item_ids"] > 1).sum()
+
+
+def test_the_fusion_is_refitted_on_held_out_events_and_kept_when_nothing_beats_it(setup):
+    ckpt, known, _ = setup
+    _, inputs, targets = holdout(known, int(np.quantile([ts for s in known for ts in s.ts], 0.8)))
+    alone = copy_checkpoint(ckpt)
+    alone.model.item_item_weight.fill_(0.0)  # the untrained Transformer alone: the item-item evidence must win
+    out = refit_fusion(alone, inputs, targets)
+    assert out["weight"] > 0 and out["ndcg10"] > out["ndcg10_before"]
+    assert alone.model.item_item_weight.item() == out["weight"] and alone.model.item_item_decay.item() == out["decay"]
+    assert np.isclose(ndcg10(alone, inputs, targets), out["ndcg10"])  # what was measured is what is served
+    assert alone.metadata["item_item"]["weight"] == out["weight"]
+    again = refit_fusion(alone, inputs, targets)  # already the best pair: kept, not swapped for a tie
+    assert (again["weight"], again["decay"]) == (out["weight"], out["decay"])
+    assert again["ndcg10"] == again["ndcg10_before"] == out["ndcg10"]
 
 
 def test_decide_refuses_a_drop_beyond_the_noise_and_accepts_one_within_it():
