@@ -545,6 +545,45 @@ def test_k_a_topic_recreated_under_a_running_worker_restarts_it_and_loses_nothin
     a_new_worker_applies_the_new_events(settings, start_worker, before, after)
 
 
+def test_l_a_recreated_topic_longer_than_the_old_offsets_is_read_from_its_start(
+    make_settings: Callable[..., Settings], start_worker: Callable[..., Worker]
+) -> None:
+    """The recreated topic already holds more records than the group's old committed offsets when a worker starts:
+    nothing looks out of range. Apache Kafka's group coordinator deletes a deleted topic's committed offsets
+    (`GroupCoordinator.onPartitionsDeleted`, called from the broker's metadata publisher), so the group has nothing
+    committed for the new topic and the worker reads it from its start (auto_offset_reset=earliest); noida-db keeps
+    the old offsets, so the test deletes them as Kafka would (commits 0). Every new event is applied."""
+    settings = make_settings(tables=(TABLE,), topic_partitions=2)
+    before, after = events_around_a_recreation(seed=47, later=1200)
+    first = start_worker(settings, name="first")
+    run_sync(publish(settings, in_envelopes(before, 1), progress=False))
+    process_all(settings, [first], expected_states(before, settings))
+    stop_cleanly(first)
+    run_sync(recreate_topic(settings))
+    run_sync(publish(settings, in_envelopes(after, 1), progress=False))
+    ends = end_offsets(settings, settings.topic_events)
+    committed = run_sync(forget_committed_offsets(settings))
+    assert all(ends[p] > committed[p] > 0 for p in committed), (ends, committed)  # the case: longer than the old
+    a_new_worker_applies_the_new_events(settings, start_worker, before, after)
+
+
+async def forget_committed_offsets(settings: Settings) -> dict[int, int]:
+    """What Apache Kafka does to a deleted topic's committed offsets (noida-db keeps them): the group's offsets of
+    the events partitions are set to 0, the start of a log that never lost its head. Returns the old ones."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(**settings.kafka_client_kwargs(), group_id=settings.app_id, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(settings.topic_events, p) for p in range(settings.topic_partitions)]
+        consumer.assign(tps)
+        old = {tp.partition: await consumer.committed(tp) for tp in tps}
+        await consumer.commit(dict.fromkeys(tps, 0))
+        return old
+    finally:
+        await consumer.stop()
+
+
 async def recreate_topic(settings: Settings) -> None:
     """Delete the events topic and create it again with the same partitions (its offsets start at 0)."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -558,14 +597,12 @@ async def recreate_topic(settings: Settings) -> None:
         await admin.close()
 
 
-def events_around_a_recreation(seed: int) -> tuple[list[Event], list[Event]]:
-    """600 events, then 200 a day later with ids of their own (the new topic's): fewer, so that every partition's
-    new offsets end below its old ones."""
+def events_around_a_recreation(seed: int, later: int = 200) -> tuple[list[Event], list[Event]]:
+    """600 events, then `later` a day later with ids of their own (the new topic's). 200: fewer, so that every
+    partition's new offsets end below its old ones."""
     before = synthetic_events(50, 600, seed=seed)
-    later = synthetic_events(50, 200, seed=seed + 1, start_ms=max(e.timestamp for e in before) + 86_400_000)
-    after = [msgspec.structs.replace(e, event_id=f"{e.event_id}-new") for e in later]
-    assert len(after) < len(before) // 2
-    return before, after
+    events = synthetic_events(50, later, seed=seed + 1, start_ms=max(e.timestamp for e in before) + 86_400_000)
+    return before, [msgspec.structs.replace(e, event_id=f"{e.event_id}-new") for e in events]
 
 
 def a_new_worker_applies_the_new_events(
