@@ -132,8 +132,8 @@ class Learner:
             REFUSED.labels(verdict.reason).inc()
         cpu = time.process_time() - t0
         STEP_CPU.observe(cpu)
-        log.info("learning step: %s, %s new items, %.1f CPU s, version %s", verdict, facts.get("new_items"), cpu,
-                 self.version)  # fmt: skip
+        log.info("learning step: %s, %s new items, fusion %s, %.1f CPU s, version %s", verdict, facts.get("new_items"),
+                 facts.get("fusion"), cpu, self.version)  # fmt: skip
         return verdict
 
     def promote(self, candidate: Checkpoint) -> None:

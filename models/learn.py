@@ -10,8 +10,8 @@ One step, at the trainer's cadence:
    the known items it shares sessions with in the histories (what it is watched with is the best guess of what it
    is), else the mean over known items; its item-item (EASE) rows start empty, so right after growth every old
    item scores exactly as before.
-2. **refit** the in-graph item-item scorer on all histories so far (the lambda, decay and weight picked at
-   training are kept): this is what makes a new item recommendable from its co-occurrences.
+2. **refit** the in-graph item-item scorer on all histories so far (with the lambda picked at training): this is
+   what makes a new item recommendable from its co-occurrences.
 3. **fine-tune** the Transformer on the recent users' windows for a bounded number of steps (the training loss).
 4. **refit the fusion** (how much the Transformer's logits lean on the item-item evidence, and its recency decay)
    on the older part of the held-out slice: events the candidate never trained on, unlike the validation
