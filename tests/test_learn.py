@@ -148,13 +148,16 @@ def test_the_fusion_is_refitted_on_held_out_events_and_kept_when_nothing_beats_i
     _, inputs, targets = holdout(known, int(np.quantile([ts for s in known for ts in s.ts], 0.8)))
     alone = copy_checkpoint(ckpt)
     alone.model.item_item_weight.fill_(0.0)  # the untrained Transformer alone: the item-item evidence must win
+    unmoved = refit_fusion(alone, inputs, targets, z=1e9)  # unless the gain is beyond z standard errors
+    assert not unmoved["changed"] and alone.model.item_item_weight.item() == 0.0
+    assert unmoved["best_ndcg10"] > unmoved["ndcg10"] == unmoved["ndcg10_before"]
     out = refit_fusion(alone, inputs, targets)
-    assert out["weight"] > 0 and out["ndcg10"] > out["ndcg10_before"]
+    assert out["changed"] and out["weight"] > 0 and out["ndcg10"] > out["ndcg10_before"]
     assert alone.model.item_item_weight.item() == out["weight"] and alone.model.item_item_decay.item() == out["decay"]
     assert np.isclose(ndcg10(alone, inputs, targets), out["ndcg10"])  # what was measured is what is served
     assert alone.metadata["item_item"]["weight"] == out["weight"]
     again = refit_fusion(alone, inputs, targets)  # already the best pair: kept, not swapped for a tie
-    assert (again["weight"], again["decay"]) == (out["weight"], out["decay"])
+    assert (again["weight"], again["decay"]) == (out["weight"], out["decay"]) and not again["changed"]
     assert again["ndcg10"] == again["ndcg10_before"] == out["ndcg10"]
 
 
