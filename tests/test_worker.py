@@ -516,12 +516,7 @@ def test_j_a_recreated_input_topic_is_detected_and_its_new_events_applied(
     anything folded and were never seen, so they are applied, not swallowed as replays, and the worker says so."""
     settings = make_settings(tables=(TABLE,), topic_partitions=2)
     before, after = events_around_a_recreation(seed=41)
-    first = start_worker(settings, name="first")
-    run_sync(publish(settings, in_envelopes(before, 1), progress=False))
-    process_all(settings, [first], expected_states(before, settings))
-    stop_cleanly(first)
-    run_sync(recreate_topic(settings))
-    run_sync(publish(settings, in_envelopes(after, 1), progress=False))
+    recreate_between_runs(settings, start_worker, before, after)
     a_new_worker_applies_the_new_events(settings, start_worker, before, after)
 
 
@@ -555,16 +550,23 @@ def test_l_a_recreated_topic_longer_than_the_old_offsets_is_read_from_its_start(
     the old offsets, so the test deletes them as Kafka would (commits 0). Every new event is applied."""
     settings = make_settings(tables=(TABLE,), topic_partitions=2)
     before, after = events_around_a_recreation(seed=47, later=1200)
+    recreate_between_runs(settings, start_worker, before, after)
+    ends = end_offsets(settings, settings.topic_events)
+    committed = run_sync(forget_committed_offsets(settings))
+    assert all(ends[p] > committed[p] > 0 for p in committed), (ends, committed)  # the case: longer than the old
+    a_new_worker_applies_the_new_events(settings, start_worker, before, after)
+
+
+def recreate_between_runs(
+    settings: Settings, start_worker: Callable[..., Worker], before: list[Event], after: list[Event]
+) -> None:
+    """A worker folds `before` and stops cleanly; then the events topic is recreated and `after` published to it."""
     first = start_worker(settings, name="first")
     run_sync(publish(settings, in_envelopes(before, 1), progress=False))
     process_all(settings, [first], expected_states(before, settings))
     stop_cleanly(first)
     run_sync(recreate_topic(settings))
     run_sync(publish(settings, in_envelopes(after, 1), progress=False))
-    ends = end_offsets(settings, settings.topic_events)
-    committed = run_sync(forget_committed_offsets(settings))
-    assert all(ends[p] > committed[p] > 0 for p in committed), (ends, committed)  # the case: longer than the old
-    a_new_worker_applies_the_new_events(settings, start_worker, before, after)
 
 
 async def forget_committed_offsets(settings: Settings) -> dict[int, int]:
