@@ -12,6 +12,7 @@ from core.encoding import encode_batch
 from models.data import load_movielens
 from models.learn import (
     LearnConfig,
+    confirm_fusion,
     cooccurring,
     copy_checkpoint,
     grow,
@@ -159,6 +160,25 @@ def test_the_fusion_is_refitted_on_held_out_events_and_kept_when_nothing_beats_i
     again = refit_fusion(alone, inputs, targets)  # already the best pair: kept, not swapped for a tie
     assert (again["weight"], again["decay"]) == (out["weight"], out["decay"]) and not again["changed"]
     assert again["ndcg10"] == again["ndcg10_before"] == out["ndcg10"]
+
+
+def test_a_changed_fusion_is_put_back_when_the_newer_events_disagree(setup):
+    ckpt, known, _ = setup
+    _, inputs, targets = holdout(known, int(np.quantile([ts for s in known for ts in s.ts], 0.8)))
+    half = len(inputs) // 2
+    alone = copy_checkpoint(ckpt)
+    alone.model.item_item_weight.fill_(0.0)
+    fusion = refit_fusion(alone, inputs[:half], targets[:half])
+    assert fusion["changed"]
+    kept = confirm_fusion(alone, fusion, inputs[half:], targets[half:])  # EASE beats an untrained Transformer here too
+    assert kept["confirmed"] and kept["validation_ndcg10"] > kept["validation_ndcg10_before"]
+    assert alone.model.item_item_weight.item() == fusion["weight"] > 0
+    # The same check against a change that made it worse (to the Transformer alone): the old pair is put back.
+    worse = {**fusion, "weight": 0.0, "weight_before": fusion["weight"], "decay_before": fusion["decay"]}
+    alone.model.item_item_weight.fill_(0.0)
+    back = confirm_fusion(alone, worse, inputs[half:], targets[half:])
+    assert not back["confirmed"] and back["weight"] == fusion["weight"] == alone.model.item_item_weight.item()
+    assert alone.metadata["item_item"]["weight"] == fusion["weight"]
 
 
 def test_decide_refuses_a_drop_beyond_the_noise_and_accepts_one_within_it():
