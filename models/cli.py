@@ -186,13 +186,15 @@ def eval_stream_command(
     max_eval_events: int = typer.Option(0, help="> 0: score an evenly spaced subsample of the streamed events"),
     max_epochs: int = typer.Option(40, help="training before T"),
     max_minutes: float = typer.Option(8.0, help="training before T: wall-clock cap"),
+    holdout: float = typer.Option(0.2, help="each interval's newest share held out by the learner"),
+    fusion_share: float = typer.Option(0.5, help="of which the oldest share refits the fusion (0: training's kept)"),
     seed: int = typer.Option(0),
 ) -> None:
     """MovieLens replayed in time order: frozen vs continuously updated model vs refitted EASE vs popularity."""
     from models.stream_eval import StreamEvalConfig, result_line, run
 
-    cfg = StreamEvalConfig(cut=cut, updates=updates, steps=steps, max_eval_events=max_eval_events)
-    cfg.max_epochs, cfg.max_minutes, cfg.seed = max_epochs, max_minutes, seed
+    cfg = StreamEvalConfig(cut=cut, updates=updates, steps=steps, max_eval_events=max_eval_events, holdout=holdout)
+    cfg.max_epochs, cfg.max_minutes, cfg.seed, cfg.fusion_share = max_epochs, max_minutes, seed, fusion_share
     summary = run(cfg, out, log=typer.echo)
     typer.echo(f"results: {out / 'results.json'}, plot: {out / 'ndcg_over_time.png'}")
     typer.echo(result_line(summary))

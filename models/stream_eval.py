@@ -41,6 +41,7 @@ class StreamEvalConfig:
     cut: float = 0.8  # share of events (by time) before T: the model trains on those
     updates: int = 10  # trainer intervals over the stream (equal event counts)
     holdout: float = 0.2  # each interval's newest share: its older half refits the fusion, the newer validates
+    fusion_share: float = 0.5  # LearnConfig.fusion_share (0: training's fusion kept, the whole holdout validates)
     popularity_days: float = 30.0
     max_eval_events: int = 0  # > 0: score an evenly spaced subsample of the streamed events (bounded run time)
     steps: int = 100  # fine-tuning steps per update (LearnConfig.steps)
@@ -173,7 +174,7 @@ def run(cfg: StreamEvalConfig, out: Path, log=print) -> dict:
     if 0 < cfg.max_eval_events < len(cases):
         keep = set(np.linspace(0, len(cases) - 1, cfg.max_eval_events).astype(int).tolist())
     categories_of = lambda item: ml.item_categories[ml.vocab.index(item)]  # noqa: E731
-    serving, lcfg = frozen, LearnConfig(steps=cfg.steps, seed=cfg.seed)
+    serving, lcfg = frozen, LearnConfig(steps=cfg.steps, seed=cfg.seed, fusion_share=cfg.fusion_share)
     per_case = {v: {"ndcg10": [], "hit20": []} for v in VARIANTS}
     new_item, interval, updates = [], [], []
     for k in range(cfg.updates):
