@@ -81,8 +81,8 @@ def test_the_trainer_promotes_new_items_and_the_worker_starts_naming_them(
             trainer.join(60)
     assert learned and learned[0].version == 2, "the trainer promoted exactly one version"
     v2 = ModelBundle.load(twin, "2")
-    ts = sorted(e.timestamp for e in first)  # the interval; its newest 10 % is held out for validation
-    seen_before_holdout = {e.item_id for e in first if e.timestamp < ts[int(len(ts) * 0.9)]}
+    ts = sorted(e.timestamp for e in first)  # the interval; its newest share is held out (fusion, validation)
+    seen_before_holdout = {e.item_id for e in first if e.timestamp < ts[int(len(ts) * (1 - cfg.holdout))]}
     learned_new = set(v2.vocab.items) - set(v1.vocab.items)
     assert learned_new <= new_items & seen_before_holdout  # nothing from the held-out slice or elsewhere
     assert len(learned_new) >= 0.9 * len(new_items & seen_before_holdout)  # (the fold keeps 20 sessions a user)
