@@ -40,7 +40,7 @@ from core.sessions import UserState
 from models.checkpoint import Checkpoint
 from models.data import prefix
 from models.model import InterestTransformer
-from models.ranking import seen_mask, target_ranks
+from models.ranking import event_ndcg, seen_mask, target_ranks
 
 #: State-dict entries with one row per vocabulary item (grown together; the neighbour rows are EASE's sparse form).
 ITEM_ROWS = (
@@ -64,6 +64,10 @@ class LearnConfig:
     # at training is kept and every held-out event validates.
     fusion_share: float = 0.5
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fusion_share < 1.0:  # 1 would leave nothing to validate: every step refused
+            raise ValueError(f"fusion_share must be in [0, 1), got {self.fusion_share}")
 
 
 @dataclass
@@ -247,8 +251,7 @@ def refit_fusion(
             evidence = model.item_item_scores(x["item_ids"])
             for w in {old[0], *map(as_buffer, ITEM_ITEM_WEIGHTS)}:
                 r = target_ranks((base + (w + short) * evidence).cpu().numpy(), target_idx[a : a + 256])
-                gain = np.where(r < 10, 1.0 / np.log2(np.where(r < 10, r, 0) + 2.0), 0.0)
-                per_event.setdefault((w, decay), []).append(gain)
+                per_event.setdefault((w, decay), []).append(event_ndcg(r))
     ndcg = {pair: np.concatenate(gains) for pair, gains in per_event.items()}
     best = max(ndcg, key=lambda k: (ndcg[k].mean(), k == old))
     diff = ndcg[best] - ndcg[old]
@@ -296,7 +299,7 @@ def event_ndcg10(ckpt: Checkpoint, inputs: Sequence[UserState], targets: Sequenc
     from models.train import score
 
     r = target_ranks(score(ckpt.model, list(inputs), ckpt.vocab, ckpt.encoder_config), ckpt.vocab.indices(targets))
-    return np.where(r < 10, 1.0 / np.log2(np.where(r < 10, r, 0) + 2.0), 0.0)
+    return event_ndcg(r)
 
 
 def ndcg10(ckpt: Checkpoint, inputs: Sequence[UserState], targets: Sequence[str]) -> float:

@@ -38,12 +38,18 @@ def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return _ranks(scores, targets)
 
 
+def event_ndcg(ranks: np.ndarray, k: int = 10) -> np.ndarray:
+    """Per event: NDCG@k of one target at 0-based `ranks` (1 / log2(rank + 2) inside the top k, else 0)."""
+    hit = ranks < k
+    return np.where(hit, 1.0 / np.log2(np.where(hit, ranks, 0) + 2.0), 0.0)
+
+
 def next_item_metrics(scores: np.ndarray, targets: np.ndarray, k: int = 10) -> dict[str, float]:
     """NDCG@k, Recall@k (= HR@k, one target) and MRR; `scores` already filtered (-inf)."""
     r = _ranks(scores, targets)
     hit = r < k
     return {
-        f"ndcg{k}": float(np.mean(np.where(hit, 1.0 / np.log2(np.where(hit, r, 0) + 2.0), 0.0))),
+        f"ndcg{k}": float(np.mean(event_ndcg(r, k))),
         f"recall{k}": float(np.mean(hit)),
         "mrr": float(np.mean(1.0 / (r + 1.0))),
     }

@@ -31,7 +31,7 @@ from core.sessions import UserState
 from models.baselines import Ease
 from models.data import Dataset, load_movielens, prefix, split, vocabulary_of
 from models.learn import LearnConfig, learn_step
-from models.ranking import seen_mask, target_ranks
+from models.ranking import event_ndcg, seen_mask, target_ranks
 
 VARIANTS = ("continuous", "frozen", "refit_baseline", "popularity")
 
@@ -112,8 +112,7 @@ class PopularityWindow:
 def rank_metrics(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row: NDCG@10 and Recall@20 hit (0/1) of the target; `scores` filtered, a target at -inf misses."""
     r = target_ranks(scores, targets)
-    ndcg = np.where(r < 10, 1.0 / np.log2(np.where(r < 10, r, 0) + 2.0), 0.0)
-    return ndcg, (r < 20).astype(np.float64)
+    return event_ndcg(r), (r < 20).astype(np.float64)
 
 
 def score_cases(

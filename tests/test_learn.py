@@ -193,3 +193,18 @@ def test_decide_refuses_a_drop_beyond_the_noise_and_accepts_one_within_it():
     assert decide(np.zeros(5), 0.0, 1.64) == (True, "equal")
     assert decide(np.array([0.1, 0.2]), 0.0, 1.64) == (True, "better")
     assert decide(np.array([np.nan, 0.2]), 0.0, 1.64) == (False, "diverged")
+
+
+@pytest.mark.parametrize("share", [1.0, -0.1])
+def test_a_fusion_share_that_leaves_nothing_to_validate_is_refused_at_configuration(share):
+    with pytest.raises(ValueError, match="fusion_share"):
+        LearnConfig(fusion_share=share)
+    assert LearnConfig(fusion_share=0.0).fusion_share == 0.0  # 0: training's fusion kept, all events validate
+
+
+def test_event_ndcg_is_one_over_log2_rank_plus_two_inside_the_top_k():
+    from models.ranking import event_ndcg
+
+    ranks = np.array([0.0, 1.0, 0.5, 9.0, 10.0, np.inf])
+    expected = [1.0, 1 / np.log2(3), 1 / np.log2(2.5), 1 / np.log2(11), 0.0, 0.0]
+    np.testing.assert_allclose(event_ndcg(ranks), expected)
